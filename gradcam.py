@@ -1,0 +1,221 @@
+"""The Grad-CAM engine: hooks, one forward pass, gradients down to the target layers, maps.
+
+Pure torch. Grad-CAM (Selvaraju et al., arXiv 1610.02391) for class c at a layer with output A:
+
+    alpha_k = mean over (i, j) of d y_c / d A_k[i, j]      (y_c: the raw score, before softmax)
+    map     = ReLU(sum_k alpha_k * A_k)
+
+The user's model is left exactly as it was found: hooks are removed in a ``finally``, every
+submodule's training flag is restored, ``requires_grad`` is never touched and no ``.grad`` is
+filled, because gradients are taken with ``torch.autograd.grad`` down to the hooked layer outputs
+only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["grad_cam", "top_and_lowest", "ConvLayer", "conv_layers_in_run_order",
+           "normalize_maps", "eval_mode"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode for the block, then restore each one's own flag."""
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, was_training in flags:
+            module.training = was_training
+
+
+@contextlib.contextmanager
+def _forward_hooks(modules: Sequence[nn.Module], hook) -> Iterator[None]:
+    """Register ``hook(index, module, inputs, output)`` on each module; always remove them."""
+    handles = []
+    try:
+        for index, module in enumerate(modules):
+            handles.append(module.register_forward_hook(
+                lambda mod, inputs, output, index=index: hook(index, mod, inputs, output)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _ActivationRecorder:
+    """Forward hook that makes each target layer's output a tensor we can differentiate to.
+
+    Two things make this correct and cheap:
+
+    * The forward pass starts under ``torch.no_grad()``; the first target layer to run switches
+      gradient recording on. Nothing before the earliest target layer is recorded for autograd,
+      and frozen models (all ``requires_grad=False``) work, since the activation itself is made
+      to require grad.
+    * The hook keeps the layer's output ``A`` and hands the rest of the network a copy. An
+      in-place operation downstream (torchvision's ``ReLU(inplace=True)``) then changes the copy,
+      never ``A``, so the activation we keep and the gradient we take are of the same tensor.
+
+    A layer that runs more than once per forward pass keeps its last call's output.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self.activations: list[torch.Tensor | None] = [None] * n_layers
+
+    def __call__(self, index: int, module: nn.Module, inputs, output):
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"target layer {module.__class__.__name__} returned "
+                            f"{type(output).__name__}, not a tensor")
+        torch.set_grad_enabled(True)
+        activation = output if output.requires_grad else output.detach().requires_grad_(True)
+        self.activations[index] = activation
+        return activation.clone()
+
+
+def _check_classes(classes: torch.Tensor, batch_size: int) -> None:
+    if classes.dim() != 2 or classes.shape[0] != batch_size or classes.shape[1] < 1:
+        raise ValueError(f"classes must have shape (B, K) with B = {batch_size} images and K >= 1, "
+                         f"got {tuple(classes.shape)}")
+    if classes.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"classes must be an integer tensor, got {classes.dtype}")
+
+
+def _weighted_maps(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """ReLU(sum_k alpha_k A_k) with alpha_k the spatial mean of the gradient: (B, h, w)."""
+    alpha = gradient.mean(dim=(2, 3))
+    return torch.relu(torch.einsum("bc,bchw->bhw", alpha, activation))
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each map (last two dims) to [0, 1].
+
+    A map that is the same everywhere has no "where": it becomes 1 where it is positive and
+    0 where it is zero, so an all-zero map stays zero and nothing is ever NaN.
+    """
+    flat = maps.flatten(-2)
+    low = flat.amin(dim=-1, keepdim=True)
+    high = flat.amax(dim=-1, keepdim=True)
+    span = high - low
+    flat_range = span <= torch.finfo(maps.dtype).eps * high.abs().clamp_min(1.0)
+    scaled = (flat - low) / torch.where(flat_range, torch.ones_like(span), span)
+    constant = (flat > 0).to(maps.dtype)
+    return torch.where(flat_range, constant, scaled).view_as(maps)
+
+
+ClassChoice = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def top_and_lowest(scores: torch.Tensor, top: int = 3) -> torch.Tensor:
+    """(B, top + 1) class indices: the ``top`` best-scoring classes, best first, then the worst."""
+    best = scores.topk(min(top, scores.shape[1]), dim=1).indices
+    return torch.cat([best, scores.argmin(dim=1, keepdim=True)], dim=1)
+
+
+def grad_cam(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
+             classes: ClassChoice, raw: bool = False):
+    """Grad-CAM maps for several classes at several layers, from one forward pass.
+
+    Args:
+        model: the classifier; it is left exactly as it was found.
+        images: (B, 3, H, W) float tensor, already preprocessed, on the model's device.
+        layers: the target modules (anything returning a 4-D tensor; usually ``nn.Conv2d``).
+        classes: (B, K) integer tensor: the classes to explain for each image; or a function
+            from the (B, C) scores to such a tensor (e.g. ``top_and_lowest``), so the classes
+            are picked from the same forward pass that the maps use.
+        raw: return each layer's maps at its own resolution, unnormalised.
+
+    Returns:
+        ``(scores, maps)``: ``scores`` (B, C) are the raw class scores of that forward pass.
+        ``maps`` is float32 (L, B, K, H, W), upsampled bilinearly to the input size and
+        min-max normalised per map; with ``raw=True`` it is a list of L tensors (B, K, h, w),
+        after the ReLU, before upsampling and normalising.
+    """
+    if images.dim() != 4:
+        raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
+    if len(layers) == 0:
+        raise ValueError("layers is empty: give at least one target module")
+    if isinstance(classes, torch.Tensor):
+        _check_classes(classes, images.shape[0])
+    recorder = _ActivationRecorder(len(layers))
+    with eval_mode(model), _forward_hooks(layers, recorder), torch.inference_mode(False), \
+            torch.no_grad():
+        scores = model(images)
+        if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+            raise ValueError("the model must return a (B, C) tensor of class scores")
+        missing = [i for i, a in enumerate(recorder.activations) if a is None]
+        if missing:
+            raise ValueError(f"target layer(s) {missing} did not run in the forward pass")
+        if not isinstance(classes, torch.Tensor):
+            classes = classes(scores.detach())
+            _check_classes(classes, images.shape[0])
+        if classes.max() >= scores.shape[1] or classes.min() < 0:
+            raise ValueError(f"classes must lie in 0..{scores.shape[1] - 1}")
+        activations = recorder.activations
+        per_class = _gradients_per_class(scores, activations, classes.to(scores.device).long())
+        raw_maps = [torch.stack([_weighted_maps(activations[layer].detach(), grads[layer])
+                                 for grads in per_class], dim=1).float()
+                    for layer in range(len(layers))]
+    scores = scores.detach()
+    if raw:
+        return scores, raw_maps
+    size = images.shape[-2:]
+    upsampled = [F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                 for m in raw_maps]
+    return scores, normalize_maps(torch.stack(upsampled))
+
+
+def _gradients_per_class(scores: torch.Tensor, activations: list[torch.Tensor],
+                         classes: torch.Tensor) -> list[list[torch.Tensor]]:
+    """For each of the K columns of ``classes``: d y_c / d A for every target layer.
+
+    Images in a batch are independent in eval mode, so one backward pass of
+    ``sum_b scores[b, classes[b, k]]`` gives every image's own gradient.
+    """
+    n_classes = classes.shape[1]
+    per_class = []
+    for k in range(n_classes):
+        selector = torch.zeros_like(scores)
+        selector.scatter_(1, classes[:, k:k + 1], 1.0)
+        grads = torch.autograd.grad(scores, activations, grad_outputs=selector,
+                                    retain_graph=k < n_classes - 1, allow_unused=True)
+        per_class.append([torch.zeros_like(a) if g is None else g
+                          for a, g in zip(activations, grads)])
+    return per_class
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """A Conv2d found in a model: its qualified name, the module and its output shape."""
+
+    name: str
+    module: nn.Module
+    output_shape: tuple[int, ...]
+
+
+def conv_layers_in_run_order(model: nn.Module, example: torch.Tensor
+                             ) -> tuple[list[ConvLayer], torch.Tensor]:
+    """Every ``nn.Conv2d`` (subclasses too) in the order of its last call in a forward pass.
+
+    Returns the layers (the last to run is last) and the model's scores for ``example``.
+    A conv that never runs is left out; one that runs twice is counted once, at its last call.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    convs = list({id(m): m for m in model.modules() if isinstance(m, nn.Conv2d)}.values())
+    order: OrderedDict[int, ConvLayer] = OrderedDict()
+
+    def record(index: int, module: nn.Module, inputs, output) -> None:
+        order.pop(index, None)
+        order[index] = ConvLayer(names[module] or "(model)", module, tuple(output.shape))
+
+    with eval_mode(model), _forward_hooks(convs, record), torch.inference_mode():
+        scores = model(example)
+    return list(order.values()), scores

