@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["grad_cam", "top_and_lowest", "ConvLayer", "conv_layers_in_run_order",
-           "normalize_maps", "eval_mode"]
+           "normalize_maps", "upsample_and_normalize", "eval_mode"]
 
 
 @contextlib.contextmanager
@@ -167,10 +167,14 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module]
     scores = scores.detach()
     if raw:
         return scores, raw_maps
-    size = images.shape[-2:]
-    upsampled = [F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+    return scores, upsample_and_normalize(raw_maps, images.shape[-2:])
+
+
+def upsample_and_normalize(raw_maps: Sequence[torch.Tensor], size) -> torch.Tensor:
+    """Raw maps (L of (B, K, h, w)) -> (L, B, K, H, W): bilinear to ``size``, then [0, 1]."""
+    upsampled = [F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
                  for m in raw_maps]
-    return scores, normalize_maps(torch.stack(upsampled))
+    return normalize_maps(torch.stack(upsampled))
 
 
 def _gradients_per_class(scores: torch.Tensor, activations: list[torch.Tensor],

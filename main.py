@@ -12,12 +12,13 @@ Exit codes: 0 every image processed, 1 some images skipped, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-BATCH_SIZE = 8
-TOP = 3
+CPU_BATCH_SIZE = 16
+GPU_BATCH_SIZE = 64
 
 
 class UsageError(Exception):
@@ -40,6 +41,22 @@ def n_images_type(text: str) -> int | None:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'all'")
     return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,6 +93,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="where the model runs; auto: cuda, then mps, then cpu")
     parser.add_argument("--list_layers", action="store_true",
                         help="print the numbered Conv2d layers and exit")
+    parser.add_argument("--batch_size", type=positive_int, default=None,
+                        help=f"images per forward pass (default: {CPU_BATCH_SIZE} on CPU, "
+                             f"{GPU_BATCH_SIZE} on GPU)")
+    parser.add_argument("--workers", type=non_negative_int, default=None,
+                        help="processes decoding images while the model runs (default: cores - 1, "
+                             "at most 8; 0 decodes in the main process)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    parser.add_argument("--save_raw", action="store_true",
+                        help="also write save_dir/raw/image{i}.npz: raw maps per layer "
+                             "(key layer{b}), classes and probs")
+    parser.add_argument("--skip_existing", action="store_true",
+                        help="skip images whose outputs all exist (resume an interrupted run)")
     return parser
 
 
@@ -108,18 +137,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def pick_device(name: str):
+def pick_device(name: str, local_rank: int = 0):
+    """auto: cuda, then mps, then cpu; under torchrun each process takes its own GPU."""
     import torch
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
     if not available[name]:
         raise UsageError(f"--device {name}: not available on this machine; use --device auto")
+    if name == "cuda":
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
 
 
@@ -159,15 +187,6 @@ def select_images(entries: list, n_images: int | None) -> list:
     return entries if n_images is None else entries[:n_images]
 
 
-def figure_name(index: int, backcount: int, n_layers: int, n_images: int) -> str:
-    """image{i}.jpg for one layer, layer{b}.jpg for several on one image, else both."""
-    if n_layers == 1:
-        return f"image{index}.jpg"
-    if n_images == 1:
-        return f"layer{backcount}.jpg"
-    return f"image{index}_layer{backcount}.jpg"
-
-
 def make_save_dir(save_dir: str) -> Path:
     path = Path(save_dir)
     try:
@@ -177,24 +196,24 @@ def make_save_dir(save_dir: str) -> Path:
     return path
 
 
-def display_available() -> bool:
-    import matplotlib
-    from matplotlib.backends import BackendFilter, backend_registry
-    interactive = backend_registry.list_builtin(BackendFilter.INTERACTIVE)
-    return matplotlib.get_backend().lower() in {b.lower() for b in interactive}
+def default_workers() -> int:
+    """Decoding processes: leave one core to the model, use at most 8."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 def run(args: argparse.Namespace) -> int:
     """Load, discover layers, then explain every selected image; returns the exit code."""
     import torch
 
+    from batch_run import Distributed, RunSettings, finish, run_batches
     from gradcam import conv_layers_in_run_order
     from models import load_model
     from utils import list_images
 
     entries = select_images(list_images(args.images_path), args.n_images) \
         if not args.list_layers else []
-    device = pick_device(args.device)
+    dist = Distributed()
+    device = pick_device(args.device, dist.local_rank)
     model, preprocessing = load_model(args.model_path, args.arch, args.trust_model)
     model = model.eval().to(device)
     example = torch.zeros(1, 3, preprocessing.crop, preprocessing.crop, device=device)
@@ -213,65 +232,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     layers = pick_layers(convs, args.conv2d_backcount)
     labels = choose_labels(args, scores.shape[1])
-    save_dir = make_save_dir(args.save_dir)
-    return explain_images(model, preprocessing, entries, layers, args.conv2d_backcount, labels,
-                          save_dir, device, args.show)
-
-
-def explain_images(model, preprocessing, entries: list, layers: list, backcounts: list[int],
-                   labels: list[str], save_dir: Path, device, show: bool) -> int:
-    """Batches of decoded images through the engine, one figure per image and layer."""
-    import numpy as np
-    import torch
-
-    from gradcam import grad_cam, top_and_lowest
-    from utils import FigureWriter, SummaryWriter, load_rgb, panel_titles, prepare_image
-
-    writer = FigureWriter(n_maps=TOP + 1, show=show)
-    summary = SummaryWriter(save_dir / "summary.csv", TOP)
-    if show and not display_available():
-        print("warning: --show: no display available; figures are saved but not shown",
-              file=sys.stderr)
-        show = False
-    processed, skipped = 0, 0
+    settings = RunSettings(
+        save_dir=make_save_dir(args.save_dir), backcounts=args.conv2d_backcount,
+        n_selected=len(entries),
+        batch_size=args.batch_size or (GPU_BATCH_SIZE if device.type == "cuda" else
+                                       CPU_BATCH_SIZE),
+        workers=default_workers() if args.workers is None else args.workers,
+        show=args.show, quiet=args.quiet, save_raw=args.save_raw,
+        skip_existing=args.skip_existing)
+    dist.start(device)
     try:
-        for start in range(0, len(entries), BATCH_SIZE):
-            batch = []
-            for entry in entries[start:start + BATCH_SIZE]:
-                try:
-                    shown, model_input = prepare_image(load_rgb(entry.path), preprocessing)
-                except (OSError, ValueError, SyntaxError) as error:
-                    print(f"warning: skipping {entry.path}: not a readable image ({error})",
-                          file=sys.stderr)
-                    skipped += 1
-                    continue
-                batch.append((entry, shown, model_input))
-            if not batch:
-                continue
-            images = torch.from_numpy(np.stack([item[2] for item in batch])).to(device)
-            scores, maps = grad_cam(model, images, [l.module for l in layers], top_and_lowest)
-            classes = top_and_lowest(scores).cpu()
-            probabilities = torch.softmax(scores.float(), dim=1).cpu()
-            maps = maps.cpu().numpy()
-            for b, (entry, shown, _) in enumerate(batch):
-                chosen = classes[b].tolist()
-                titles = panel_titles(labels, chosen, probabilities[b, chosen].tolist())
-                figures = []
-                for l, (layer, backcount) in enumerate(zip(layers, backcounts)):
-                    writer.draw(shown, maps[l, b], titles, image_title=entry.relative,
-                                heading=f"Grad-CAM at {layer.name} (conv2d_backcount {backcount})")
-                    figures.append(figure_name(entry.index, backcount, len(layers), len(entries)))
-                    writer.save(save_dir / figures[-1])
-                    if show:
-                        writer.show()
-                summary.write(entry, [labels[c] for c in chosen],
-                              probabilities[b, chosen].tolist(), figures)
-                processed += 1
+        result = run_batches(model, preprocessing, entries, layers, labels, settings, device,
+                             dist)
+        total = finish(entries, labels, settings, result, dist)
     finally:
-        writer.close()
-        summary.close()
-    print(f"processed {processed} image(s), skipped {skipped}; figures in {save_dir}")
-    return 1 if skipped else 0
+        dist.stop()
+    return 1 if total.unreadable else 0
 
 
 if __name__ == "__main__":

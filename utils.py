@@ -9,7 +9,6 @@ Colours are RGB everywhere.
 from __future__ import annotations
 
 import ast
-import csv
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,80 +200,92 @@ def panel_titles(labels: list[str], classes: list[int], probabilities: list[floa
 
 
 class FigureWriter:
-    """One reusable matplotlib figure: the image, then one overlay per explained class.
+    """Figures as RGB arrays: a title band drawn by matplotlib, then the panels pasted in.
 
-    The figure and its axes are built once; each image only swaps pixel data and titles, which
-    keeps drawing cheap on long runs.
+    One row: the image as the model saw it, then one overlay per explained class, each panel at
+    the model's own input resolution (no resampling). The matplotlib figure is built once; per
+    image only the title texts change, and the pixels go straight into the rendered canvas,
+    which keeps a figure's cost close to the model's.
     """
 
-    PANEL_INCHES = 2.6
-    WRAP = 26
+    GAP = 8
+    BAND = 64
+    DPI = 100
 
-    def __init__(self, n_maps: int, show: bool = False) -> None:
-        import matplotlib
-        if not show:
-            matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-        self._plt = plt
+    def __init__(self, n_maps: int, panel: int) -> None:
+        from matplotlib.figure import Figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         self.n_panels = n_maps + 1
-        self.figure, axes = plt.subplots(
-            1, self.n_panels, figsize=(self.PANEL_INCHES * self.n_panels, self.PANEL_INCHES + 0.9),
-            squeeze=False)
-        self.axes = list(axes[0])
-        self.figure.subplots_adjust(left=0.01, right=0.99, bottom=0.02, top=0.80, wspace=0.05)
-        self._images = []
-        for ax in self.axes:
-            ax.set_xticks([])
-            ax.set_yticks([])
-            self._images.append(None)
+        self.panel = panel
+        self.width = self.n_panels * panel + (self.n_panels + 1) * self.GAP
+        self.height = panel + self.BAND + self.GAP
+        self.figure = Figure(figsize=(self.width / self.DPI, self.height / self.DPI),
+                             dpi=self.DPI, facecolor="white")
+        self.canvas = FigureCanvasAgg(self.figure)
+        self.wrap = max(12, int(panel / 6.3))
+        panel_top = (self.GAP + panel + 3) / self.height
+        self._titles = [self.figure.text(self._panel_left(i) / self.width
+                                         + panel / 2 / self.width, panel_top, "",
+                                         ha="center", va="bottom", fontsize=9, linespacing=1.1)
+                        for i in range(self.n_panels)]
+        self._heading = self.figure.text(0.5, 1 - 4 / self.height, "", ha="center", va="top",
+                                         fontsize=10, fontweight="bold")
 
-    def draw(self, image: np.ndarray, heatmaps: np.ndarray, titles: list[str],
-             image_title: str, heading: str = "") -> None:
-        """Fill the panels: ``image`` (H, W, 3) uint8, ``heatmaps`` (K, H, W) in [0, 1]."""
+    def _panel_left(self, slot: int) -> int:
+        return self.GAP + slot * (self.panel + self.GAP)
+
+    def _fit(self, title: str) -> str:
+        """Wrap a title to at most two lines; shorten the label, never the probability."""
+        lines = textwrap.wrap(title, self.wrap)
+        if len(lines) <= 2:
+            return "\n".join(lines)
+        head, _, tail = title.rpartition(" ")
+        while len(lines) > 2 and len(head) > 4:
+            head = head[:-2].rstrip()
+            lines = textwrap.wrap(f"{head}\u2026 {tail}", self.wrap)
+        return "\n".join(lines[:2])
+
+    def compose(self, image: np.ndarray, heatmaps: np.ndarray, titles: list[str],
+                image_title: str, heading: str = "") -> np.ndarray:
+        """The figure as a (height, width, 3) uint8 RGB array.
+
+        ``image`` is (H, W, 3) uint8 with H = W = ``panel``; ``heatmaps`` is (K, H, W) in [0, 1].
+        """
+        for text, title in zip(self._titles, [image_title] + list(titles)):
+            text.set_text(self._fit(title))
+        self._heading.set_text(heading)
+        self.canvas.draw()
+        figure = np.array(self.canvas.buffer_rgba())[..., :3]
         panels = [image] + [overlay(image, heatmap) for heatmap in heatmaps]
-        for ax, slot, pixels, title in zip(self.axes, range(self.n_panels), panels,
-                                           [image_title] + list(titles)):
-            if self._images[slot] is None or self._images[slot].get_array().shape != pixels.shape:
-                ax.clear()
-                ax.set_xticks([])
-                ax.set_yticks([])
-                self._images[slot] = ax.imshow(pixels, interpolation="antialiased")
-            else:
-                self._images[slot].set_data(pixels)
-            ax.set_title(textwrap.fill(title, self.WRAP), fontsize=10)
-        self.figure.suptitle(heading, fontsize=10, y=0.98)
-
-    def save(self, path: Path) -> None:
-        """Write the figure as JPEG (or any format matplotlib knows from the suffix)."""
-        options = {"pil_kwargs": {"quality": 90}} if path.suffix.lower() in (".jpg", ".jpeg") \
-            else {}
-        self.figure.savefig(path, dpi=100, **options)
-
-    def show(self) -> None:
-        """Open the figure in a window and wait until it is closed."""
-        self._plt.show(block=True)
-
-    def close(self) -> None:
-        self._plt.close(self.figure)
+        top = self.BAND
+        for slot, pixels in enumerate(panels):
+            left = self._panel_left(slot)
+            figure[top:top + self.panel, left:left + self.panel] = pixels
+        return figure
 
 
-class SummaryWriter:
-    """summary.csv: one row per processed image, written (and flushed) as the run goes."""
+def save_jpeg(figure: np.ndarray, path: Path, quality: int = 90) -> None:
+    """Encode an RGB array as JPEG, atomically: a reader never sees a half-written file."""
+    from outputs import atomic_path
+    with atomic_path(path) as temporary:
+        Image.fromarray(figure).save(temporary, format="JPEG", quality=quality)
 
-    def __init__(self, path: Path, top: int) -> None:
-        self._file = open(path, "w", newline="", encoding="utf-8")
-        self._csv = csv.writer(self._file)
-        ranks = [f"top{r + 1}" for r in range(top)] + ["lowest"]
-        self._csv.writerow(["index", "path", "folder_label"]
-                           + [f"{rank}{suffix}" for rank in ranks for suffix in ("", "_prob")]
-                           + ["figures"])
 
-    def write(self, entry: ImageEntry, labels: list[str], probabilities: list[float],
-              figures: list[str]) -> None:
-        pairs = [value for label, p in zip(labels, probabilities) for value in (label, f"{p:.6g}")]
-        self._csv.writerow([entry.index, entry.relative, entry.folder_label or ""] + pairs
-                           + [";".join(figures)])
-        self._file.flush()
+def show_figure(figure: np.ndarray, title: str) -> None:
+    """Open a figure array in a matplotlib window at its own pixel size; wait until closed."""
+    import matplotlib.pyplot as plt
+    height, width = figure.shape[:2]
+    window = plt.figure(figsize=(width / FigureWriter.DPI, height / FigureWriter.DPI),
+                        dpi=FigureWriter.DPI, num=title)
+    window.figimage(figure)
+    plt.show(block=True)
+    plt.close(window)
 
-    def close(self) -> None:
-        self._file.close()
+
+def display_available() -> bool:
+    """Whether matplotlib can open windows here (an interactive backend was found)."""
+    import matplotlib
+    import matplotlib.pyplot  # noqa: F401  (resolves the backend)
+    from matplotlib.backends import BackendFilter, backend_registry
+    interactive = backend_registry.list_builtin(BackendFilter.INTERACTIVE)
+    return matplotlib.get_backend().lower() in {b.lower() for b in interactive}

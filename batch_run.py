@@ -1,0 +1,303 @@
+"""The batch run: images decoded in a DataLoader, explained in batches, written as they come.
+
+Memory stays flat however many images there are: only a few batches are in flight, and every
+figure, raw-map file and summary row goes to disk as soon as it is made. Under ``torchrun`` each
+process takes every N-th image (by index), and the first process merges the summary.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import outputs
+from gradcam import grad_cam, top_and_lowest, upsample_and_normalize
+from utils import (FigureWriter, ImageEntry, Preprocessing, display_available, load_rgb,
+                   panel_titles, prepare_image, save_jpeg, show_figure)
+
+TOP = 3
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What to explain and where to write it."""
+
+    save_dir: Path
+    backcounts: list[int]
+    n_selected: int
+    batch_size: int
+    workers: int
+    show: bool = False
+    quiet: bool = False
+    save_raw: bool = False
+    skip_existing: bool = False
+
+
+@dataclass
+class RunResult:
+    """Counts of one process (or, after ``finish``, of all) and its summary rows."""
+
+    processed: int = 0
+    unreadable: int = 0
+    already_done: int = 0
+    rows: list[list[str]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- distribution
+
+class Distributed:
+    """The process group torchrun sets up (a single process when there is none)."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+        self.active = self.world > 1
+
+    def start(self, device: torch.device) -> None:
+        if not self.active:
+            return
+        import torch.distributed as dist
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        if device.type == "cpu":  # share the cores instead of oversubscribing them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world))
+
+    def gather(self, value):
+        """Every process's ``value``, in rank order (on every process)."""
+        if not self.active:
+            return [value]
+        import torch.distributed as dist
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def stop(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+
+# ----------------------------------------------------------------------------- images in
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decoded, preprocessed images; a file that fails to decode comes back as its error."""
+
+    def __init__(self, entries: list[ImageEntry], preprocessing: Preprocessing) -> None:
+        self.entries = entries
+        self.preprocessing = preprocessing
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, position: int):
+        try:
+            shown, model_input = prepare_image(load_rgb(self.entries[position].path),
+                                               self.preprocessing)
+        except Exception as error:  # any undecodable file is skipped, never fatal
+            return position, None, None, f"{type(error).__name__}: {error}"
+        return position, shown, torch.from_numpy(model_input), None
+
+
+def collate(items: list) -> dict:
+    good = [item for item in items if item[3] is None]
+    return {"positions": [item[0] for item in good],
+            "shown": [item[1] for item in good],
+            "inputs": torch.stack([item[2] for item in good]) if good else None,
+            "failed": [(item[0], item[3]) for item in items if item[3] is not None]}
+
+
+def make_loader(entries: list[ImageEntry], preprocessing: Preprocessing, batch_size: int,
+                workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        ImageDataset(entries, preprocessing), batch_size=batch_size, shuffle=False,
+        num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers > 0 else None)
+
+
+# ----------------------------------------------------------------------------- progress
+
+class Progress:
+    """tqdm on a terminal; a plain line every 30 s otherwise; nothing with --quiet."""
+
+    PLAIN_EVERY_S = 30.0
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total = total
+        self.done = 0
+        self.started = self.last = time.monotonic()
+        self.bar = None
+        self.quiet = quiet or total == 0
+        if not self.quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if self.quiet or now - self.last < self.PLAIN_EVERY_S:
+            return
+        self.last = now
+        rate = self.done / max(now - self.started, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        print(f"progress: {self.done}/{self.total} images, {rate:.1f} images/s, "
+              f"ETA {eta:.0f} s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------- the run
+
+def figure_name(index: int, backcount: int, n_layers: int, n_images: int) -> str:
+    """image{i}.jpg for one layer, layer{b}.jpg for several on one image, else both."""
+    if n_layers == 1:
+        return f"image{index}.jpg"
+    if n_images == 1:
+        return f"layer{backcount}.jpg"
+    return f"image{index}_layer{backcount}.jpg"
+
+
+def outputs_of(entry: ImageEntry, settings: RunSettings) -> list[Path]:
+    names = [figure_name(entry.index, b, len(settings.backcounts), settings.n_selected)
+             for b in settings.backcounts]
+    paths = [settings.save_dir / name for name in names]
+    if settings.save_raw:
+        paths.append(outputs.raw_path(settings.save_dir, entry.index))
+    return paths
+
+
+class Explainer:
+    """Turns one batch of images into figures, raw maps and summary rows."""
+
+    def __init__(self, model: nn.Module, layers: list, labels: list[str],
+                 settings: RunSettings, panel: int, log: outputs.SummaryLog) -> None:
+        self.model = model
+        self.modules = [layer.module for layer in layers]
+        self.layer_names = [layer.name for layer in layers]
+        self.labels = labels
+        self.settings = settings
+        self.figures = FigureWriter(n_maps=TOP + 1, panel=panel)
+        self.log = log
+        self.show = settings.show
+        if self.show and not display_available():
+            print("warning: --show: no display available; figures are saved but not shown",
+                  file=sys.stderr)
+            self.show = False
+
+    def explain(self, entries: list[ImageEntry], shown: list[np.ndarray],
+                inputs: torch.Tensor) -> None:
+        scores, raw_maps = grad_cam(self.model, inputs, self.modules, top_and_lowest, raw=True)
+        classes = top_and_lowest(scores, TOP)
+        maps = upsample_and_normalize(raw_maps, inputs.shape[-2:]).cpu().numpy()
+        probabilities = torch.softmax(scores.float(), dim=1).gather(1, classes).cpu().numpy()
+        classes = classes.cpu().numpy()
+        raw_maps = [m.cpu().numpy() for m in raw_maps] if self.settings.save_raw else None
+        for b, entry in enumerate(entries):
+            self._write_image(entry, shown[b], maps[:, b], classes[b], probabilities[b],
+                              None if raw_maps is None else [m[b] for m in raw_maps])
+
+    def _write_image(self, entry: ImageEntry, shown: np.ndarray, maps: np.ndarray,
+                     classes: np.ndarray, probabilities: np.ndarray,
+                     raw_maps: list[np.ndarray] | None) -> None:
+        settings = self.settings
+        titles = panel_titles(self.labels, classes.tolist(), probabilities.tolist())
+        paths = outputs_of(entry, settings)
+        for layer, backcount in enumerate(settings.backcounts):
+            heading = f"Grad-CAM at {self.layer_names[layer]} (conv2d_backcount {backcount})"
+            figure = self.figures.compose(shown, maps[layer], titles, entry.relative, heading)
+            save_jpeg(figure, paths[layer])
+            if self.show:
+                show_figure(figure, paths[layer].name)
+        if raw_maps is not None:
+            outputs.save_raw(paths[-1], dict(zip(settings.backcounts, raw_maps)), classes,
+                             probabilities)
+        self.log.write(outputs.summary_row(
+            entry.index, entry.relative, entry.folder_label,
+            [self.labels[c] for c in classes], probabilities.tolist(),
+            [p.name for p in paths[:len(settings.backcounts)]]))
+
+
+def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[ImageEntry],
+                layers: list, labels: list[str], settings: RunSettings, device: torch.device,
+                dist: Distributed) -> RunResult:
+    """Explain this process's share of ``entries``; returns what happened to them."""
+    result = RunResult()
+    mine = entries[dist.rank::dist.world]
+    settings.save_dir.mkdir(parents=True, exist_ok=True)
+    if settings.save_raw:
+        (settings.save_dir / outputs.RAW_FOLDER).mkdir(exist_ok=True)
+    if settings.skip_existing:
+        done_rows = outputs.previous_rows(settings.save_dir)
+        todo = [e for e in mine if not _already_done(e, settings, done_rows)]
+        result.already_done = len(mine) - len(todo)
+        mine = todo
+    log = outputs.SummaryLog(settings.save_dir, dist.rank)
+    explainer = Explainer(model, layers, labels, settings, preprocessing.crop, log)
+    progress = Progress(len(mine), settings.quiet or not dist.leader)
+    try:
+        loader = make_loader(mine, preprocessing, settings.batch_size, settings.workers, device)
+        for batch in loader:
+            for position, error in batch["failed"]:
+                print(f"warning: skipping {mine[position].path}: not a readable image ({error})",
+                      file=sys.stderr)
+            result.unreadable += len(batch["failed"])
+            if batch["inputs"] is not None:
+                inputs = batch["inputs"].to(device, non_blocking=True)
+                explainer.explain([mine[p] for p in batch["positions"]], batch["shown"], inputs)
+                result.processed += len(batch["positions"])
+            progress.update(len(batch["positions"]) + len(batch["failed"]))
+    finally:
+        progress.close()
+        log.close()
+    result.rows = log.rows
+    return result
+
+
+def _already_done(entry: ImageEntry, settings: RunSettings,
+                  done_rows: dict[int, list[str]]) -> bool:
+    row = done_rows.get(entry.index)
+    return (row is not None and len(row) > 1 and row[1] == entry.relative
+            and all(path.exists() for path in outputs_of(entry, settings)))
+
+
+def finish(entries: list[ImageEntry], labels: list[str], settings: RunSettings,
+           result: RunResult, dist: Distributed) -> RunResult:
+    """Merge every process's rows into summary.csv and report; returns the run's totals."""
+    carried = outputs.previous_rows(settings.save_dir) if settings.skip_existing else {}
+    gathered = dist.gather(result)
+    if not dist.leader:
+        return RunResult(*(sum(getattr(r, name) for r in gathered)
+                           for name in ("processed", "unreadable", "already_done")))
+    wanted = {entry.index: entry.relative for entry in entries}
+    rows = {i: row for i, row in carried.items() if wanted.get(i) == row[1]}
+    for process in gathered:
+        rows.update({int(row[0]): row for row in process.rows})
+    merged = list(rows.values())
+    total = RunResult(*(sum(getattr(r, name) for r in gathered)
+                        for name in ("processed", "unreadable", "already_done")), merged)
+    outputs.write_summary(settings.save_dir, TOP, merged)
+    scores = outputs.accuracy(merged, labels, TOP)
+    if scores is not None:
+        print(f"accuracy over {len(merged)} images whose folder names are labels: "
+              f"top-1 {scores[0]:.1%}, top-{TOP} {scores[1]:.1%}")
+    done = f", {total.already_done} already done" if total.already_done else ""
+    print(f"processed {total.processed} image(s), skipped {total.unreadable}{done}; "
+          f"figures in {settings.save_dir}")
+    return total
