@@ -176,6 +176,9 @@ def choose_labels(args: argparse.Namespace, n_classes: int) -> list[str]:
     if args.labels_path:
         return read_labels(args.labels_path, n_classes)
     if args.imageNet_labels:
+        if n_classes != 1000:
+            raise UsageError(f"--imageNet_labels: the model has {n_classes} outputs, not the "
+                             f"1000 ImageNet classes; give --labels_path with {n_classes} labels")
         return read_labels(IMAGENET_LABELS_PATH, n_classes)
     return default_labels(n_classes)
 

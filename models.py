@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -136,6 +137,8 @@ def _allowed_module_classes() -> dict[str, type]:
 
 def _load_file(path: Path, trust_model: bool):
     """Unpickle ``path`` without running code from it, unless the user trusts the file."""
+    if not zipfile.is_zipfile(path):  # torch.save's legacy format: no scan, weights only
+        return _load_legacy_file(path, trust_model)
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as error:
@@ -156,6 +159,33 @@ def _load_file(path: Path, trust_model: bool):
         raise ModelError(f"--model_path {path} needs the class {name} from the module {module}, "
                          f"which cannot be imported ({error}); the folder that defines it must be "
                          f"importable: run from that folder or add it to PYTHONPATH") from None
+
+
+def _load_legacy_file(path: Path, trust_model: bool):
+    """Files saved before torch 1.6 (or with the zip format off) cannot be scanned up front:
+    load them with the allow-list and let ``weights_only`` refuse anything else."""
+    with open(path, "rb") as file:
+        if file.read(1) != b"\x80":  # every pickle torch writes starts with a protocol byte
+            raise ModelError(f"--model_path {path}: not a file written by torch.save()")
+    allowed = _allowed_module_classes()
+    try:
+        with torch.serialization.safe_globals(list(allowed.values())):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not trust_model:
+            raise ModelError(f"--model_path {path} needs classes outside torch.nn and "
+                             f"torchvision ({str(error).splitlines()[0][:160]}), and unpickling "
+                             f"them runs code from the file; if you trust the file, add "
+                             f"--trust_model") from None
+    except Exception as error:  # a damaged or foreign pickle can fail in many ways
+        raise ModelError(f"--model_path {path}: not a file written by torch.save() "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
+    try:
+        return _torch_load(path, weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as error:
+        raise ModelError(f"--model_path {path} needs a class that cannot be imported ({error});"
+                         f" the folder that defines it must be importable: run from that folder "
+                         f"or add it to PYTHONPATH") from None
 
 
 def _torch_load(path: Path, weights_only: bool):

@@ -134,7 +134,7 @@ def read_labels(labels_path: str | Path, n_classes: int) -> list[str]:
     """Read a ``{0: 'cat', 1: 'dog', ...}`` file safely (``ast.literal_eval``, never eval)."""
     path = Path(labels_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"--labels_path {labels_path}: no such file") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -146,8 +146,9 @@ def read_labels(labels_path: str | Path, n_classes: int) -> list[str]:
                          f"{{0: 'cat', 1: 'dog'}} ({type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else 'no details'})") from None
     if not isinstance(labels, dict) or not labels:
+        found = "an empty dict" if labels == {} else f"a {type(labels).__name__}"
         raise InputError(f"--labels_path {labels_path}: expected a dict like "
-                         f"{{0: 'cat', 1: 'dog'}}, found a {type(labels).__name__}")
+                         f"{{0: 'cat', 1: 'dog'}}, found {found}")
     if any(not isinstance(k, int) or isinstance(k, bool) for k in labels) \
             or sorted(labels) != list(range(len(labels))):
         raise InputError(f"--labels_path {labels_path}: the keys must be the integers "
