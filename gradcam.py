@@ -105,7 +105,7 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     low = flat.amin(dim=-1, keepdim=True)
     high = flat.amax(dim=-1, keepdim=True)
     span = high - low
-    flat_range = span <= torch.finfo(maps.dtype).eps * high.abs().clamp_min(1.0)
+    flat_range = span <= torch.finfo(maps.dtype).eps * high.abs()
     scaled = (flat - low) / torch.where(flat_range, torch.ones_like(span), span)
     constant = (flat > 0).to(maps.dtype)
     return torch.where(flat_range, constant, scaled).view_as(maps)
@@ -185,6 +185,8 @@ def _gradients_per_class(scores: torch.Tensor, activations: list[torch.Tensor],
     ``sum_b scores[b, classes[b, k]]`` gives every image's own gradient.
     """
     n_classes = classes.shape[1]
+    if not scores.requires_grad:  # no target layer reaches the scores: every gradient is 0
+        return [[torch.zeros_like(a) for a in activations] for _ in range(n_classes)]
     per_class = []
     for k in range(n_classes):
         selector = torch.zeros_like(scores)
@@ -220,6 +222,6 @@ def conv_layers_in_run_order(model: nn.Module, example: torch.Tensor
         order.pop(index, None)
         order[index] = ConvLayer(names[module] or "(model)", module, tuple(output.shape))
 
-    with eval_mode(model), _forward_hooks(convs, record), torch.inference_mode():
+    with eval_mode(model), _forward_hooks(convs, record), torch.no_grad():
         scores = model(example)
     return list(order.values()), scores

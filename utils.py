@@ -72,7 +72,7 @@ def list_images(images_path: str | Path) -> list[ImageEntry]:
         return [ImageEntry(0, root, root.name, None)]
     files = sorted((p for p in root.rglob("*")
                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-                   key=lambda p: p.relative_to(root).as_posix())
+                   key=lambda p: p.relative_to(root).parts)
     if not files:
         raise InputError(f"--images_path {images_path}: no images found (looked for "
                          f"{', '.join(IMAGE_EXTENSIONS)} files in it and its subfolders)")

@@ -1,0 +1,191 @@
+"""Batch runs: raw maps, resume, atomic outputs, progress, accuracy, and torchrun splitting."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import batch_run
+import main
+from gradcam import conv_layers_in_run_order, grad_cam, top_and_lowest
+from models import load_model
+from utils import list_images, load_rgb, prepare_image
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+
+
+def read_summary(save_dir: Path) -> list[dict[str, str]]:
+    with open(save_dir / "summary.csv", newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+def run_cli(*args: str) -> int:
+    return main.main(["--images_path", str(DATA), "--quiet", "--workers", "0", *args])
+
+
+def outputs_in(save_dir: Path) -> set[str]:
+    return {p.relative_to(save_dir).as_posix() for p in save_dir.rglob("*") if p.is_file()}
+
+
+def assert_same_run(first: Path, second: Path) -> None:
+    """Same files, same summary (probabilities to 1e-5), same raw maps (to 1e-5)."""
+    assert outputs_in(first) == outputs_in(second)
+    assert_same_rows(read_summary(first), read_summary(second))
+    for name in (n for n in outputs_in(first) if n.endswith(".npz")):
+        raw_a, raw_b = np.load(first / name), np.load(second / name)
+        assert set(raw_a.files) == set(raw_b.files)
+        np.testing.assert_array_equal(raw_a["classes"], raw_b["classes"])
+        for key in raw_a.files:
+            np.testing.assert_allclose(raw_a[key], raw_b[key], atol=1e-5, rtol=0)
+
+
+def assert_same_rows(rows_a: list[dict[str, str]], rows_b: list[dict[str, str]]) -> None:
+    """Equal summaries; probabilities may differ in float rounding between batch sizes."""
+    assert len(rows_a) == len(rows_b)
+    for a, b in zip(rows_a, rows_b):
+        assert {k: v for k, v in a.items() if not k.endswith("_prob")} == \
+            {k: v for k, v in b.items() if not k.endswith("_prob")}
+        for key in (k for k in a if k.endswith("_prob")):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> Path:
+    """The reference: one process, every image of data/, raw maps, two layers."""
+    save_dir = tmp_path_factory.mktemp("single")
+    assert run_cli("--n_images", "all", "--save_dir", str(save_dir), "--save_raw",
+                   "--conv2d_backcount", "1", "2") == 0
+    return save_dir
+
+
+def test_raw_maps_hold_the_engine_output_classes_and_probs(single_run: Path) -> None:
+    """raw/image{i}.npz equals the engine's raw=True maps for that image, top-3 + lowest."""
+    model, preprocessing = load_model(None)
+    model.eval()
+    entries = list_images(DATA)
+    images = torch.from_numpy(np.stack(
+        [prepare_image(load_rgb(e.path), preprocessing)[1] for e in entries]))
+    convs, _ = conv_layers_in_run_order(model, images[:1])
+    scores, raw = grad_cam(model, images, [convs[-1].module, convs[-2].module], top_and_lowest,
+                           raw=True)
+    classes = top_and_lowest(scores)
+    probabilities = torch.softmax(scores, 1).gather(1, classes)
+    rows = read_summary(single_run)
+    for entry in entries:
+        saved = np.load(single_run / "raw" / f"image{entry.index}.npz")
+        assert saved["layer1"].dtype == np.float32 and saved["layer1"].shape == (4, 7, 7)
+        np.testing.assert_allclose(saved["layer1"], raw[0][entry.index].numpy(), atol=1e-5)
+        np.testing.assert_allclose(saved["layer2"], raw[1][entry.index].numpy(), atol=1e-5)
+        np.testing.assert_array_equal(saved["classes"], classes[entry.index].numpy())
+        np.testing.assert_allclose(saved["probs"], probabilities[entry.index].numpy(),
+                                   rtol=1e-4)
+        row = rows[entry.index]
+        assert float(row["top1_prob"]) == pytest.approx(float(saved["probs"][0]), rel=1e-4)
+        assert row["figures"] == f"image{entry.index}_layer1.jpg;image{entry.index}_layer2.jpg"
+
+
+def test_batch_size_and_workers_do_not_change_the_results(single_run: Path,
+                                                          tmp_path: Path) -> None:
+    """Batches of 2 decoded by 2 worker processes give what one batch in-process gave."""
+    save_dir = tmp_path / "other"
+    assert main.main(["--images_path", str(DATA), "--quiet", "--n_images", "all",
+                      "--save_dir", str(save_dir), "--save_raw", "--conv2d_backcount", "1", "2",
+                      "--batch_size", "2", "--workers", "2"]) == 0
+    assert_same_run(single_run, save_dir)
+
+
+def test_accuracy_is_printed_when_folders_are_labels(single_run: Path, tmp_path: Path,
+                                                     capsys) -> None:
+    """data/'s folders are ImageNet labels: top-1 and top-3 accuracy agree with summary.csv."""
+    assert run_cli("--n_images", "all", "--save_dir", str(tmp_path)) == 0
+    rows = read_summary(tmp_path)
+    top1 = np.mean([r["folder_label"] == r["top1"] for r in rows])
+    top3 = np.mean([r["folder_label"] in (r["top1"], r["top2"], r["top3"]) for r in rows])
+    out = capsys.readouterr().out
+    assert f"top-1 {top1:.1%}, top-3 {top3:.1%}" in out
+    assert top1 == pytest.approx(0.6) and top3 == pytest.approx(1.0)
+
+
+def test_no_accuracy_for_a_flat_folder(tmp_path: Path, capsys) -> None:
+    """Without ImageFolder class names there is nothing to score against."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "cat.png").write_bytes((DATA / "tabby" / "chelsea.png").read_bytes())
+    assert main.main(["--images_path", str(flat), "--save_dir", str(tmp_path / "out"),
+                      "--quiet", "--workers", "0"]) == 0
+    assert "top-1" not in capsys.readouterr().out
+
+
+def test_skip_existing_redoes_only_what_is_missing(tmp_path: Path) -> None:
+    """A rerun rewrites the one deleted figure, leaves the others untouched, keeps all rows."""
+    assert run_cli("--n_images", "3", "--save_dir", str(tmp_path), "--save_raw") == 0
+    before = read_summary(tmp_path)
+    (tmp_path / "image1.jpg").unlink()
+    stamps = {name: os.stat(tmp_path / name).st_mtime_ns
+              for name in ("image0.jpg", "image2.jpg", "raw/image0.npz")}
+    assert run_cli("--n_images", "3", "--save_dir", str(tmp_path), "--save_raw",
+                   "--skip_existing") == 0
+    assert (tmp_path / "image1.jpg").exists()
+    assert all(os.stat(tmp_path / name).st_mtime_ns == stamp for name, stamp in stamps.items())
+    assert_same_rows(read_summary(tmp_path), before)
+
+
+def test_an_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path: Path, monkeypatch,
+                                                                capsys) -> None:
+    """Ctrl-C after two images: no temporary or truncated file; --skip_existing finishes."""
+    original = batch_run.Explainer._write_image
+    written = []
+
+    def interrupt_after_two(self, entry, *args, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        original(self, entry, *args, **kwargs)
+        written.append(entry.index)
+
+    monkeypatch.setattr(batch_run.Explainer, "_write_image", interrupt_after_two)
+    assert run_cli("--n_images", "all", "--save_dir", str(tmp_path), "--save_raw") == 130
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert {p.name for p in tmp_path.glob("*.jpg")} == {"image0.jpg", "image1.jpg"}
+    monkeypatch.setattr(batch_run.Explainer, "_write_image", original)
+    capsys.readouterr()
+    assert run_cli("--n_images", "all", "--save_dir", str(tmp_path), "--save_raw",
+                   "--skip_existing") == 0
+    assert "processed 3 image(s), skipped 0, 2 already done" in capsys.readouterr().out
+    rows = read_summary(tmp_path)
+    assert [int(r["index"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert not list(tmp_path.glob(".summary*"))
+
+
+def test_plain_progress_lines_without_a_terminal(tmp_path: Path, monkeypatch, capsys) -> None:
+    """stderr is not a terminal under pytest: plain progress lines, none with --quiet."""
+    monkeypatch.setattr(batch_run.Progress, "PLAIN_EVERY_S", 0.0)
+    assert main.main(["--images_path", str(DATA), "--n_images", "all", "--batch_size", "2",
+                      "--workers", "0", "--save_dir", str(tmp_path)]) == 0
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("progress:")]
+    assert lines[-1].startswith("progress: 5/5 images") and "images/s" in lines[-1]
+    assert run_cli("--n_images", "all", "--save_dir", str(tmp_path)) == 0
+    assert "progress:" not in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_match_a_single_process(single_run: Path,
+                                                       tmp_path: Path) -> None:
+    """2 CPU processes (gloo) split the images by index and write what one process writes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", str(ROOT / "main.py"), "--images_path", str(DATA),
+               "--n_images", "all", "--save_dir", str(tmp_path), "--save_raw", "--quiet",
+               "--conv2d_backcount", "1", "2", "--device", "cpu", "--workers", "0"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env=environment)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "processed 5 image(s), skipped 0" in done.stdout
+    assert done.stdout.count("processed") == 1  # only the first process reports
+    assert_same_run(single_run, tmp_path)
