@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["grad_cam", "top_and_lowest", "ConvLayer", "conv_layers_in_run_order",
+from cam_methods import METHODS
+
+__all__ = ["grad_cam", "explain", "top_and_lowest", "ConvLayer", "conv_layers_in_run_order",
            "normalize_maps", "upsample_and_normalize", "eval_mode"]
 
 
@@ -89,12 +91,6 @@ def _check_classes(classes: torch.Tensor, batch_size: int) -> None:
         raise ValueError(f"classes must be an integer tensor, got {classes.dtype}")
 
 
-def _weighted_maps(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    """ReLU(sum_k alpha_k A_k) with alpha_k the spatial mean of the gradient: (B, h, w)."""
-    alpha = gradient.mean(dim=(2, 3))
-    return torch.relu(torch.einsum("bc,bchw->bhw", alpha, activation))
-
-
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     """Min-max normalise each map (last two dims) to [0, 1].
 
@@ -139,6 +135,24 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module]
         min-max normalised per map; with ``raw=True`` it is a list of L tensors (B, K, h, w),
         after the ReLU, before upsampling and normalising.
     """
+    return explain(model, images, layers, classes, method="gradcam", raw=raw)
+
+
+def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
+            classes: ClassChoice, method: str = "gradcam", counterfactual: bool = False,
+            raw: bool = False, batch_size: int = 64, progress=None):
+    """Like ``grad_cam``, for any method of ``cam_methods.METHODS``.
+
+    ``counterfactual=True`` negates the gradients (Selvaraju et al., section 5): the map shows
+    the regions whose removal would make the network more confident in the class. Score-CAM
+    has no gradients to negate and refuses it. ``batch_size`` and ``progress(done, total)``
+    serve Score-CAM's extra forward passes.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    chosen = METHODS[method]
+    if counterfactual and not chosen.uses_gradients:
+        raise ValueError(f"{method} uses no gradients, so it has no counterfactual form")
     if images.dim() != 4:
         raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
     if len(layers) == 0:
@@ -146,24 +160,26 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module]
     if isinstance(classes, torch.Tensor):
         _check_classes(classes, images.shape[0])
     recorder = _ActivationRecorder(len(layers))
-    with eval_mode(model), _forward_hooks(layers, recorder), torch.inference_mode(False), \
-            torch.no_grad():
-        scores = model(images)
-        if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-            raise ValueError("the model must return a (B, C) tensor of class scores")
-        missing = [i for i, a in enumerate(recorder.activations) if a is None]
-        if missing:
-            raise ValueError(f"target layer(s) {missing} did not run in the forward pass")
-        if not isinstance(classes, torch.Tensor):
-            classes = classes(scores.detach())
-            _check_classes(classes, images.shape[0])
-        if classes.max() >= scores.shape[1] or classes.min() < 0:
-            raise ValueError(f"classes must lie in 0..{scores.shape[1] - 1}")
-        activations = recorder.activations
-        per_class = _gradients_per_class(scores, activations, classes.to(scores.device).long())
-        raw_maps = [torch.stack([_weighted_maps(activations[layer].detach(), grads[layer])
-                                 for grads in per_class], dim=1).float()
-                    for layer in range(len(layers))]
+    with eval_mode(model), torch.inference_mode(False):
+        with _forward_hooks(layers, recorder), torch.no_grad():
+            scores = model(images)
+            classes = _classes_for(scores, classes, images.shape[0])
+            missing = [i for i, a in enumerate(recorder.activations) if a is None]
+            if missing:
+                raise ValueError(f"target layer(s) {missing} did not run in the forward pass")
+            activations = list(recorder.activations)
+            if chosen.uses_gradients:
+                sign = -1.0 if counterfactual else 1.0
+                per_class = _gradients_per_class(scores, activations, classes)
+                raw_maps = [torch.stack([chosen.from_gradients(activations[layer].detach(),
+                                                               sign * grads[layer])
+                                         for grads in per_class], dim=1).float()
+                            for layer in range(len(layers))]
+        if not chosen.uses_gradients:  # after the hooks are gone: plain inference passes
+            with torch.no_grad():
+                raw_maps = [chosen.from_scores(model, images, activation.detach(), classes,
+                                               batch_size=batch_size, progress=progress).float()
+                            for activation in activations]
     scores = scores.detach()
     if raw:
         return scores, raw_maps
@@ -175,6 +191,18 @@ def upsample_and_normalize(raw_maps: Sequence[torch.Tensor], size) -> torch.Tens
     upsampled = [F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
                  for m in raw_maps]
     return normalize_maps(torch.stack(upsampled))
+
+
+def _classes_for(scores, classes: ClassChoice, batch_size: int) -> torch.Tensor:
+    """The (B, K) classes to explain, checked against the scores of the forward pass."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        raise ValueError("the model must return a (B, C) tensor of class scores")
+    if not isinstance(classes, torch.Tensor):
+        classes = classes(scores.detach())
+        _check_classes(classes, batch_size)
+    if classes.max() >= scores.shape[1] or classes.min() < 0:
+        raise ValueError(f"classes must lie in 0..{scores.shape[1] - 1}")
+    return classes.to(scores.device).long()
 
 
 def _gradients_per_class(scores: torch.Tensor, activations: list[torch.Tensor],
