@@ -13,16 +13,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 import outputs
-from gradcam import grad_cam, top_and_lowest, upsample_and_normalize
-from utils import (FigureWriter, ImageEntry, Preprocessing, display_available, load_rgb,
-                   panel_titles, prepare_image, save_jpeg, show_figure)
-
-TOP = 3
+from explainer import TOP, ClassPlan, ExplainOptions, Explainer, Target, outputs_of
+from utils import ImageEntry, LabelIndex, Preprocessing, load_rgb, prepare_image
 
 
 @dataclass(frozen=True)
@@ -30,7 +26,7 @@ class RunSettings:
     """What to explain and where to write it."""
 
     save_dir: Path
-    backcounts: list[int]
+    tags: list[str]
     n_selected: int
     batch_size: int
     workers: int
@@ -165,78 +161,9 @@ class Progress:
 
 # ----------------------------------------------------------------------------- the run
 
-def figure_name(index: int, backcount: int, n_layers: int, n_images: int) -> str:
-    """image{i}.jpg for one layer, layer{b}.jpg for several on one image, else both."""
-    if n_layers == 1:
-        return f"image{index}.jpg"
-    if n_images == 1:
-        return f"layer{backcount}.jpg"
-    return f"image{index}_layer{backcount}.jpg"
-
-
-def outputs_of(entry: ImageEntry, settings: RunSettings) -> list[Path]:
-    names = [figure_name(entry.index, b, len(settings.backcounts), settings.n_selected)
-             for b in settings.backcounts]
-    paths = [settings.save_dir / name for name in names]
-    if settings.save_raw:
-        paths.append(outputs.raw_path(settings.save_dir, entry.index))
-    return paths
-
-
-class Explainer:
-    """Turns one batch of images into figures, raw maps and summary rows."""
-
-    def __init__(self, model: nn.Module, layers: list, labels: list[str],
-                 settings: RunSettings, panel: int, log: outputs.SummaryLog) -> None:
-        self.model = model
-        self.modules = [layer.module for layer in layers]
-        self.layer_names = [layer.name for layer in layers]
-        self.labels = labels
-        self.settings = settings
-        self.figures = FigureWriter(n_maps=TOP + 1, panel=panel)
-        self.log = log
-        self.show = settings.show
-        if self.show and not display_available():
-            print("warning: --show: no display available; figures are saved but not shown",
-                  file=sys.stderr)
-            self.show = False
-
-    def explain(self, entries: list[ImageEntry], shown: list[np.ndarray],
-                inputs: torch.Tensor) -> None:
-        scores, raw_maps = grad_cam(self.model, inputs, self.modules, top_and_lowest, raw=True)
-        classes = top_and_lowest(scores, TOP)
-        maps = upsample_and_normalize(raw_maps, inputs.shape[-2:]).cpu().numpy()
-        probabilities = torch.softmax(scores.float(), dim=1).gather(1, classes).cpu().numpy()
-        classes = classes.cpu().numpy()
-        raw_maps = [m.cpu().numpy() for m in raw_maps] if self.settings.save_raw else None
-        for b, entry in enumerate(entries):
-            self._write_image(entry, shown[b], maps[:, b], classes[b], probabilities[b],
-                              None if raw_maps is None else [m[b] for m in raw_maps])
-
-    def _write_image(self, entry: ImageEntry, shown: np.ndarray, maps: np.ndarray,
-                     classes: np.ndarray, probabilities: np.ndarray,
-                     raw_maps: list[np.ndarray] | None) -> None:
-        settings = self.settings
-        titles = panel_titles(self.labels, classes.tolist(), probabilities.tolist())
-        paths = outputs_of(entry, settings)
-        for layer, backcount in enumerate(settings.backcounts):
-            heading = f"Grad-CAM at {self.layer_names[layer]} (conv2d_backcount {backcount})"
-            figure = self.figures.compose(shown, maps[layer], titles, entry.relative, heading)
-            save_jpeg(figure, paths[layer])
-            if self.show:
-                show_figure(figure, paths[layer].name)
-        if raw_maps is not None:
-            outputs.save_raw(paths[-1], dict(zip(settings.backcounts, raw_maps)), classes,
-                             probabilities)
-        self.log.write(outputs.summary_row(
-            entry.index, entry.relative, entry.folder_label,
-            [self.labels[c] for c in classes], probabilities.tolist(),
-            [p.name for p in paths[:len(settings.backcounts)]]))
-
-
 def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[ImageEntry],
-                layers: list, labels: list[str], settings: RunSettings, device: torch.device,
-                dist: Distributed) -> RunResult:
+                targets: list[Target], labels: list[str], options: ExplainOptions,
+                settings: RunSettings, device: torch.device, dist: Distributed) -> RunResult:
     """Explain this process's share of ``entries``; returns what happened to them."""
     result = RunResult()
     mine = entries[dist.rank::dist.world]
@@ -249,7 +176,10 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
         result.already_done = len(mine) - len(todo)
         mine = todo
     log = outputs.SummaryLog(settings.save_dir, dist.rank)
-    explainer = Explainer(model, layers, labels, settings, preprocessing.crop, log)
+    index = LabelIndex(labels)
+    class_of_folder = (lambda folder: -1 if (found := index.find(folder)) is None else found)
+    explainer = Explainer(model, targets, labels, options, settings, preprocessing.crop, log,
+                          class_of_folder)
     progress = Progress(len(mine), settings.quiet or not dist.leader)
     try:
         loader = make_loader(mine, preprocessing, settings.batch_size, settings.workers, device)
@@ -274,11 +204,13 @@ def _already_done(entry: ImageEntry, settings: RunSettings,
                   done_rows: dict[int, list[str]]) -> bool:
     row = done_rows.get(entry.index)
     return (row is not None and len(row) > 1 and row[1] == entry.relative
-            and all(path.exists() for path in outputs_of(entry, settings)))
+            and all(path.exists() for path in outputs_of(entry, settings.save_dir, settings.tags,
+                                                         settings.n_selected,
+                                                         settings.save_raw)))
 
 
-def finish(entries: list[ImageEntry], labels: list[str], settings: RunSettings,
-           result: RunResult, dist: Distributed) -> RunResult:
+def finish(entries: list[ImageEntry], labels: list[str], options: ExplainOptions,
+           settings: RunSettings, result: RunResult, dist: Distributed) -> RunResult:
     """Merge every process's rows into summary.csv and report; returns the run's totals."""
     carried = outputs.previous_rows(settings.save_dir) if settings.skip_existing else {}
     gathered = dist.gather(result)
@@ -292,8 +224,13 @@ def finish(entries: list[ImageEntry], labels: list[str], settings: RunSettings,
     merged = list(rows.values())
     total = RunResult(*(sum(getattr(r, name) for r in gathered)
                         for name in ("processed", "unreadable", "already_done")), merged)
-    outputs.write_summary(settings.save_dir, TOP, merged)
-    scores = outputs.accuracy(merged, labels, TOP)
+    plan = ClassPlan(options)
+    header = outputs.summary_header(plan.ranks, settings.tags, options.metrics)
+    outputs.write_summary(settings.save_dir, header, merged)
+    if options.metrics:
+        print_metric_means(outputs.metric_means(merged, header, settings.tags), options,
+                           len(merged), len(plan.ranks))
+    scores = outputs.accuracy(merged, labels, TOP) if plan.is_top else None
     if scores is not None:
         print(f"accuracy over {len(merged)} images whose folder names are labels: "
               f"top-1 {scores[0]:.1%}, top-{TOP} {scores[1]:.1%}")
@@ -301,3 +238,15 @@ def finish(entries: list[ImageEntry], labels: list[str], settings: RunSettings,
     print(f"processed {total.processed} image(s), skipped {total.unreadable}{done}; "
           f"figures in {settings.save_dir}")
     return total
+
+
+def print_metric_means(means: dict[str, dict[str, float]], options: ExplainOptions,
+                       n_images: int, n_maps: int) -> None:
+    """One line per layer: the method's mean faithfulness over every map of the run."""
+    kind = "counterfactual " if options.counterfactual else ""
+    print(f"faithfulness of {kind}{options.method} over {n_images} image(s) x {n_maps} maps "
+          f"(deletion AUC: lower is better; insertion AUC: higher is better):")
+    for tag, values in means.items():
+        print(f"  {tag}: deletion AUC {values['deletion']:.4f}, insertion AUC "
+              f"{values['insertion']:.4f}, average drop {values['drop']:.1f}%, "
+              f"increase in confidence {100 * values['increase']:.1f}%")

@@ -25,6 +25,7 @@ from torch import nn
 from cam_methods import METHODS
 
 __all__ = ["grad_cam", "explain", "top_and_lowest", "ConvLayer", "conv_layers_in_run_order",
+           "layers_in_run_order",
            "normalize_maps", "upsample_and_normalize", "eval_mode"]
 
 
@@ -186,11 +187,20 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
     return scores, upsample_and_normalize(raw_maps, images.shape[-2:])
 
 
-def upsample_and_normalize(raw_maps: Sequence[torch.Tensor], size) -> torch.Tensor:
-    """Raw maps (L of (B, K, h, w)) -> (L, B, K, H, W): bilinear to ``size``, then [0, 1]."""
-    upsampled = [F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
-                 for m in raw_maps]
-    return normalize_maps(torch.stack(upsampled))
+def upsample_and_normalize(raw_maps: Sequence[torch.Tensor], size,
+                           shared: bool = False) -> torch.Tensor:
+    """Raw maps (L of (B, K, h, w)) -> (L, B, K, H, W): bilinear to ``size``, then [0, 1].
+
+    ``shared=False`` stretches each map to [0, 1] on its own; ``shared=True`` uses one scale
+    for the K maps of an image at a layer, so a weak map still looks weak beside a strong one.
+    """
+    upsampled = torch.stack([F.interpolate(m, size=tuple(size), mode="bilinear",
+                                           align_corners=False) for m in raw_maps])
+    if not shared:
+        return normalize_maps(upsampled)
+    layers, batch, classes, height, width = upsampled.shape
+    joint = upsampled.reshape(layers, batch, classes * height, width)
+    return normalize_maps(joint).view(layers, batch, classes, height, width)
 
 
 def _classes_for(scores, classes: ClassChoice, batch_size: int) -> torch.Tensor:
@@ -228,11 +238,37 @@ def _gradients_per_class(scores: torch.Tensor, activations: list[torch.Tensor],
 
 @dataclass(frozen=True)
 class ConvLayer:
-    """A Conv2d found in a model: its qualified name, the module and its output shape."""
+    """A module found in a model: its qualified name, the module, its output shape, and
+    whether it is a Conv2d (only those get a backcount)."""
 
     name: str
     module: nn.Module
     output_shape: tuple[int, ...]
+    is_conv: bool = True
+
+
+def layers_in_run_order(model: nn.Module, example: torch.Tensor
+                        ) -> tuple[list[ConvLayer], torch.Tensor]:
+    """Every submodule with a 4-D output, in the order of its last call in a forward pass.
+
+    Returns the layers (the last to run is last) and the model's scores for ``example``.
+    A module that never runs is left out; one that runs twice is counted once, at its last
+    call. Runs under ``no_grad`` (not inference mode), so lazy modules get ordinary weights.
+    """
+    named = [(name, module) for name, module in model.named_modules() if name]
+    modules = [module for _, module in named]
+    names = [name for name, _ in named]
+    order: OrderedDict[int, ConvLayer] = OrderedDict()
+
+    def record(index: int, module: nn.Module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor) and output.dim() == 4:
+            order.pop(index, None)
+            order[index] = ConvLayer(names[index], module, tuple(output.shape),
+                                     isinstance(module, nn.Conv2d))
+
+    with eval_mode(model), _forward_hooks(modules, record), torch.no_grad():
+        scores = model(example)
+    return list(order.values()), scores
 
 
 def conv_layers_in_run_order(model: nn.Module, example: torch.Tensor
@@ -242,14 +278,5 @@ def conv_layers_in_run_order(model: nn.Module, example: torch.Tensor
     Returns the layers (the last to run is last) and the model's scores for ``example``.
     A conv that never runs is left out; one that runs twice is counted once, at its last call.
     """
-    names = {module: name for name, module in model.named_modules()}
-    convs = list({id(m): m for m in model.modules() if isinstance(m, nn.Conv2d)}.values())
-    order: OrderedDict[int, ConvLayer] = OrderedDict()
-
-    def record(index: int, module: nn.Module, inputs, output) -> None:
-        order.pop(index, None)
-        order[index] = ConvLayer(names[module] or "(model)", module, tuple(output.shape))
-
-    with eval_mode(model), _forward_hooks(convs, record), torch.no_grad():
-        scores = model(example)
-    return list(order.values()), scores
+    layers, scores = layers_in_run_order(model, example)
+    return [layer for layer in layers if layer.is_conv], scores

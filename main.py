@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam")
 CPU_BATCH_SIZE = 16
 GPU_BATCH_SIZE = 64
 
@@ -105,6 +106,29 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(key layer{b}), classes and probs")
     parser.add_argument("--skip_existing", action="store_true",
                         help="skip images whose outputs all exist (resume an interrupted run)")
+    parser.add_argument("--method", choices=METHOD_NAMES, default="gradcam",
+                        help="how maps are made: " + ", ".join(METHOD_NAMES))
+    parser.add_argument("--guided", action="store_true",
+                        help="add a second row of Guided Grad-CAM maps (guided backpropagation "
+                             "times the map)")
+    parser.add_argument("--counterfactual", action="store_true",
+                        help="negate the gradients: show the regions that argue against each "
+                             "class")
+    parser.add_argument("--classes", nargs="+", default=None, metavar="C",
+                        help="explain these classes (indices or label names) for every image "
+                             "instead of top-3 + lowest")
+    parser.add_argument("--true_class", action="store_true",
+                        help="add a panel for the image's folder class (ImageFolder name "
+                             "matched to a label)")
+    parser.add_argument("--layer", nargs="+", default=None, metavar="NAME",
+                        help="target modules by qualified name (see --list_layers) instead of "
+                             "--conv2d_backcount")
+    parser.add_argument("--scale", choices=("per-map", "shared"), default="per-map",
+                        help="per-map: each map stretched to [0, 1]; shared: one scale for all "
+                             "maps of an image and layer, so a weak map looks weak")
+    parser.add_argument("--metrics", action="store_true",
+                        help="measure each map's faithfulness (deletion/insertion AUC, average "
+                             "drop, increase in confidence) into summary.csv")
     return parser
 
 
@@ -151,8 +175,22 @@ def pick_device(name: str, local_rank: int = 0):
     return torch.device(name)
 
 
-def pick_layers(convs: list, backcounts: list[int]) -> list:
-    """The target layers for the backcounts (1 = the last Conv2d to run)."""
+def pick_targets(layers: list, backcounts: list[int], names: list[str] | None) -> list:
+    """The target layers: by --layer name, else by backcount (1 = the last Conv2d to run)."""
+    from explainer import Target
+    if names:
+        by_name = {layer.name: layer for layer in layers}
+        targets = []
+        for name in names:
+            if name not in by_name:
+                import difflib
+                close = difflib.get_close_matches(name, list(by_name), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise UsageError(f"--layer {name}: no module of that name with a 4-D output"
+                                 f"{hint} (--list_layers prints them)")
+            targets.append(Target(f"layer-{name}", name, by_name[name].module))
+        return targets
+    convs = [layer for layer in layers if layer.is_conv]
     if not convs:
         raise UsageError("the model has no Conv2d layer that runs in its forward pass; "
                          "Grad-CAM needs one")
@@ -161,14 +199,41 @@ def pick_layers(convs: list, backcounts: list[int]) -> list:
         raise UsageError(f"--conv2d_backcount {bad[0]} is out of range: this model has "
                          f"{len(convs)} Conv2d layers, so use 1..{len(convs)} "
                          f"(--list_layers prints them)")
-    return [convs[len(convs) - b] for b in backcounts]
+    return [Target(f"layer{b}", convs[len(convs) - b].name, convs[len(convs) - b].module, b)
+            for b in backcounts]
 
 
-def print_layers(convs: list) -> None:
-    width = max(len(c.name) for c in convs)
-    print(f"{'backcount':>9}  {'layer':<{width}}  output shape")
-    for position, conv in enumerate(convs):
-        print(f"{len(convs) - position:>9}  {conv.name:<{width}}  {tuple(conv.output_shape)}")
+def print_layers(layers: list) -> None:
+    """Every module with a 4-D output in run order; Conv2d layers carry their backcount."""
+    n_convs = sum(layer.is_conv for layer in layers)
+    width = max(len(layer.name) for layer in layers)
+    print(f"{'backcount':>9}  {'layer':<{width}}  {'type':<24}  output shape")
+    seen = 0
+    for layer in layers:
+        seen += layer.is_conv
+        backcount = str(n_convs - seen + 1) if layer.is_conv else "-"
+        kind = type(layer.module).__name__
+        print(f"{backcount:>9}  {layer.name:<{width}}  {kind:<24}  {tuple(layer.output_shape)}")
+
+
+def resolve_classes(names: list[str] | None, labels: list[str]) -> tuple[int, ...] | None:
+    """--classes: indices or label names, each checked against the model's classes."""
+    if not names:
+        return None
+    from utils import LabelIndex
+    index = LabelIndex(labels)
+    found = []
+    for name in names:
+        if name.lstrip("-").isdigit() and not 0 <= int(name) < len(labels):
+            raise UsageError(f"--classes {name}: out of range; the model has classes "
+                             f"0..{len(labels) - 1}")
+        class_index = index.find(name)
+        if class_index is None:
+            close = index.suggestions(name)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise UsageError(f"--classes {name}: not a class index or label name{hint}")
+        found.append(class_index)
+    return tuple(found)
 
 
 def choose_labels(args: argparse.Namespace, n_classes: int) -> list[str]:
@@ -209,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from batch_run import Distributed, RunSettings, finish, run_batches
-    from gradcam import conv_layers_in_run_order
+    from explainer import ExplainOptions
+    from gradcam import layers_in_run_order
     from models import load_model
     from utils import list_images
 
@@ -217,26 +283,34 @@ def run(args: argparse.Namespace) -> int:
         if not args.list_layers else []
     dist = Distributed()
     device = pick_device(args.device, dist.local_rank)
+    if args.counterfactual and args.method == "scorecam":
+        raise UsageError("--counterfactual needs gradients; scorecam has none (pick another "
+                         "--method)")
     model, preprocessing = load_model(args.model_path, args.arch, args.trust_model)
     model = model.eval().to(device)
     example = torch.zeros(1, 3, preprocessing.crop, preprocessing.crop, device=device)
     try:
-        convs, scores = conv_layers_in_run_order(model, example)
+        layers, scores = layers_in_run_order(model, example)
     except Exception as error:
         raise UsageError(f"the model fails on a {preprocessing.crop}x{preprocessing.crop} RGB "
                          f"image ({type(error).__name__}: {error})") from None
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
         raise UsageError("the model must return one (batch, classes) tensor of scores; got "
                          f"{type(scores).__name__}")
+    if not any(layer.is_conv for layer in layers) and not args.layer:
+        raise UsageError("the model has no Conv2d layer that runs in its forward pass; "
+                         "Grad-CAM needs one (or name a 4-D layer with --layer)")
     if args.list_layers:
-        if not convs:
-            raise UsageError("the model has no Conv2d layer that runs in its forward pass")
-        print_layers(convs)
+        print_layers(layers)
         return 0
-    layers = pick_layers(convs, args.conv2d_backcount)
+    targets = pick_targets(layers, args.conv2d_backcount, args.layer)
     labels = choose_labels(args, scores.shape[1])
+    options = ExplainOptions(
+        method=args.method, counterfactual=args.counterfactual, guided=args.guided,
+        classes=resolve_classes(args.classes, labels), true_class=args.true_class,
+        shared_scale=args.scale == "shared", metrics=args.metrics)
     settings = RunSettings(
-        save_dir=make_save_dir(args.save_dir), backcounts=args.conv2d_backcount,
+        save_dir=make_save_dir(args.save_dir), tags=[t.tag for t in targets],
         n_selected=len(entries),
         batch_size=args.batch_size or (GPU_BATCH_SIZE if device.type == "cuda" else
                                        CPU_BATCH_SIZE),
@@ -245,9 +319,9 @@ def run(args: argparse.Namespace) -> int:
         skip_existing=args.skip_existing)
     dist.start(device)
     try:
-        result = run_batches(model, preprocessing, entries, layers, labels, settings, device,
-                             dist)
-        total = finish(entries, labels, settings, result, dist)
+        result = run_batches(model, preprocessing, entries, targets, labels, options,
+                             settings, device, dist)
+        total = finish(entries, labels, options, settings, result, dist)
     finally:
         dist.stop()
     return 1 if total.unreadable else 0

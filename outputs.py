@@ -33,16 +33,49 @@ def atomic_path(path: Path) -> Iterator[Path]:
             temporary.unlink()
 
 
-def summary_header(top: int) -> list[str]:
-    ranks = [f"top{r + 1}" for r in range(top)] + ["lowest"]
-    return (["index", "path", "folder_label"]
-            + [f"{rank}{suffix}" for rank in ranks for suffix in ("", "_prob")] + ["figures"])
+METRICS = ("deletion", "insertion", "drop", "increase")
+
+
+def summary_header(ranks: list[str], tags: list[str], metrics: bool) -> list[str]:
+    """index, path, folder_label, a label and probability per panel, figures, then each map's
+    raw peak per layer and, with --metrics, its four faithfulness numbers."""
+    columns = (["index", "path", "folder_label"]
+               + [f"{rank}{suffix}" for rank in ranks for suffix in ("", "_prob")]
+               + ["figures"]
+               + [f"{rank}_peak_{tag}" for tag in tags for rank in ranks])
+    if metrics:
+        columns += [f"{rank}_{metric}_{tag}" for tag in tags for rank in ranks
+                    for metric in METRICS]
+    return columns
 
 
 def summary_row(index: int, relative: str, folder_label: str | None, labels: list[str],
-                probabilities: list[float], figures: list[str]) -> list[str]:
+                probabilities: list[float], figures: list[str], extras: list[str]) -> list[str]:
     pairs = [value for label, p in zip(labels, probabilities) for value in (label, f"{p:.6g}")]
-    return [str(index), relative, folder_label or ""] + pairs + [";".join(figures)]
+    return [str(index), relative, folder_label or ""] + pairs + [";".join(figures)] + extras
+
+
+def extra_values(peaks: np.ndarray, metrics: np.ndarray | None) -> list[str]:
+    """(L, K) peaks, then (L, K, 4) metrics, in summary_header's order."""
+    values = [f"{v:.6g}" for v in np.asarray(peaks).reshape(-1)]
+    if metrics is not None:
+        values += [f"{v:.6g}" for v in np.asarray(metrics).reshape(-1)]
+    return values
+
+
+def metric_means(rows: list[list[str]], header: list[str], tags: list[str]
+                 ) -> dict[str, dict[str, float]]:
+    """Per layer tag: the mean of each faithfulness metric over every map of every image."""
+    means = {}
+    for tag in tags:
+        per_metric = {}
+        for metric in METRICS:
+            columns = [i for i, name in enumerate(header)
+                       if name.endswith(f"_{metric}_{tag}")]
+            values = [float(row[i]) for row in rows for i in columns if i < len(row)]
+            per_metric[metric] = float(np.mean(values)) if values else float("nan")
+        means[tag] = per_metric
+    return means
 
 
 def _log_path(save_dir: Path, rank: int) -> Path:
@@ -80,13 +113,13 @@ def previous_rows(save_dir: Path) -> dict[int, list[str]]:
     return rows
 
 
-def write_summary(save_dir: Path, top: int, rows: list[list[str]]) -> None:
+def write_summary(save_dir: Path, header: list[str], rows: list[list[str]]) -> None:
     """summary.csv, sorted by image index, then the per-process logs are removed."""
     rows = sorted(rows, key=lambda row: int(row[0]))
     with atomic_path(save_dir / SUMMARY) as temporary:
         with open(temporary, "w", newline="", encoding="utf-8") as file:
             writer = csv.writer(file)
-            writer.writerow(summary_header(top))
+            writer.writerow(header)
             writer.writerows(rows)
     for log in save_dir.glob(".summary.rank*.log.csv"):
         log.unlink()
@@ -96,10 +129,11 @@ def raw_path(save_dir: Path, index: int) -> Path:
     return save_dir / RAW_FOLDER / f"image{index}.npz"
 
 
-def save_raw(path: Path, maps_by_backcount: dict[int, np.ndarray], classes: np.ndarray,
+def save_raw(path: Path, maps_by_tag: dict[str, np.ndarray], classes: np.ndarray,
              probabilities: np.ndarray) -> None:
-    """image{i}.npz: layer{b} (K, h, w) raw maps per target layer, classes and probs."""
-    arrays = {f"layer{b}": np.asarray(m, dtype=np.float32) for b, m in maps_by_backcount.items()}
+    """image{i}.npz: raw (K, h, w) maps per target layer (key: its tag, e.g. layer1), classes
+    and probs."""
+    arrays = {tag: np.asarray(m, dtype=np.float32) for tag, m in maps_by_tag.items()}
     arrays["classes"] = np.asarray(classes, dtype=np.int64)
     arrays["probs"] = np.asarray(probabilities, dtype=np.float32)
     buffer = io.BytesIO()
@@ -108,24 +142,17 @@ def save_raw(path: Path, maps_by_backcount: dict[int, np.ndarray], classes: np.n
         temporary.write_bytes(buffer.getvalue())
 
 
-def _label_names(label: str) -> set[str]:
-    return {name.strip().lower().replace("_", " ") for name in label.split(",")} | {
-        label.strip().lower().replace("_", " ")}
-
-
 def accuracy(rows: list[list[str]], labels: list[str], top: int) -> tuple[float, float] | None:
     """Top-1 and top-``top`` accuracy when every image's folder name is one of the labels."""
-    known = set().union(*(_label_names(label) for label in labels))
-    folder_column = 2
-    first_label = 3
-    if not rows or any(row[folder_column].strip().lower().replace("_", " ") not in known
-                       for row in rows):
+    from utils import LabelIndex
+    index = LabelIndex(labels)
+    folder_column, first_label = 2, 3
+    truths = [index.find(row[folder_column]) if row[folder_column] else None for row in rows]
+    if not rows or any(truth is None for truth in truths):
         return None
     hits_1 = hits_k = 0
-    for row in rows:
-        truth = row[folder_column].strip().lower().replace("_", " ")
-        predicted = [row[first_label + 2 * r] for r in range(top)]
-        matches = [truth in _label_names(label) for label in predicted]
-        hits_1 += matches[0]
-        hits_k += any(matches)
+    for row, truth in zip(rows, truths):
+        predicted = [index.find(row[first_label + 2 * r]) for r in range(top)]
+        hits_1 += predicted[0] == truth
+        hits_k += truth in predicted
     return hits_1 / len(rows), hits_k / len(rows)

@@ -166,6 +166,34 @@ def default_labels(n_classes: int) -> list[str]:
     return [f"class {i}" for i in range(n_classes)]
 
 
+def _name_key(name: str) -> str:
+    return " ".join(name.replace("_", " ").split()).lower()
+
+
+class LabelIndex:
+    """Class indices by name: a full label, any of its comma-separated names, or an index."""
+
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = labels
+        self._by_name: dict[str, int] = {}
+        for index, label in enumerate(labels):
+            for name in [label] + label.split(","):
+                self._by_name.setdefault(_name_key(name), index)
+
+    def find(self, name: str | None) -> int | None:
+        """The class a name (or a number in range) stands for, else None."""
+        if name is None:
+            return None
+        if name.strip().isdigit() and int(name) < len(self.labels):
+            return int(name)
+        return self._by_name.get(_name_key(name))
+
+    def suggestions(self, name: str) -> list[str]:
+        import difflib
+        keys = difflib.get_close_matches(_name_key(name), list(self._by_name), n=3)
+        return [self.labels[self._by_name[k]] for k in keys]
+
+
 def first_name(label: str) -> str:
     """'tench, Tinca tinca' -> 'tench'."""
     return label.split(",")[0].strip()
@@ -193,11 +221,17 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 
 
-def panel_titles(labels: list[str], classes: list[int], probabilities: list[float]) -> list[str]:
-    """'1. Egyptian cat 37.7%' for the top classes, 'lowest: ...' for the last one."""
-    ranks = [f"{r + 1}." for r in range(len(classes) - 1)] + ["lowest:"]
-    return [f"{rank} {first_name(labels[c])} {format_probability(p)}"
-            for rank, c, p in zip(ranks, classes, probabilities)]
+def guided_to_rgb(guided: np.ndarray) -> np.ndarray:
+    """(..., 3, H, W) guided gradients -> (..., H, W, 3) uint8 for display.
+
+    Each map is centred on its mean and scaled by its standard deviation (times 0.1 around
+    mid-grey), the usual way to make input gradients visible.
+    """
+    axes = (-3, -2, -1)
+    centred = guided - guided.mean(axis=axes, keepdims=True)
+    scaled = centred / (centred.std(axis=axes, keepdims=True) + 1e-8) * 0.1 + 0.5
+    pixels = np.clip(scaled * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.moveaxis(pixels, -3, -1)
 
 
 class _TextPainter:
@@ -254,11 +288,12 @@ class FigureWriter:
     BAND = 62
     DPI = 100
 
-    def __init__(self, n_maps: int, panel: int) -> None:
+    def __init__(self, n_maps: int, panel: int, guided_row: bool = False) -> None:
         self.n_panels = n_maps + 1
         self.panel = panel
+        self.guided_row = guided_row
         self.width = self.n_panels * panel + (self.n_panels + 1) * self.GAP
-        self.height = panel + self.BAND + self.GAP
+        self.height = panel + self.BAND + self.GAP + (panel + self.GAP if guided_row else 0)
         self._title = _TextPainter(9, bold=False, dpi=self.DPI)
         self._heading = _TextPainter(10, bold=True, dpi=self.DPI)
         self._blank = np.full((self.height, self.width, 3), 255, dtype=np.uint8)
@@ -286,10 +321,12 @@ class FigureWriter:
         return lines[:2]
 
     def compose(self, image: np.ndarray, heatmaps: np.ndarray, titles: list[str],
-                image_title: str, heading: str = "") -> np.ndarray:
+                image_title: str, heading: str = "",
+                guided: np.ndarray | None = None) -> np.ndarray:
         """The figure as a (height, width, 3) uint8 RGB array.
 
-        ``image`` is (H, W, 3) uint8 with H = W = ``panel``; ``heatmaps`` is (K, H, W) in [0, 1].
+        ``image`` is (H, W, 3) uint8 with H = W = ``panel``; ``heatmaps`` is (K, H, W) in [0, 1];
+        ``guided`` (K, H, W, 3) uint8 fills a second row (Guided Grad-CAM) under the overlays.
         """
         figure = self._blank.copy()
         if heading:
@@ -304,7 +341,19 @@ class FigureWriter:
                 baseline = self.BAND - 6 - (len(lines) - 1 - row) * line
                 self._title.paint(figure, text, left + self.panel // 2, baseline)
             figure[self.BAND:self.BAND + self.panel, left:left + self.panel] = pixels
+        if guided is not None:
+            self._paint_guided_row(figure, guided)
         return figure
+
+    def _paint_guided_row(self, figure: np.ndarray, guided: np.ndarray) -> None:
+        top = self.BAND + self.panel + self.GAP
+        centre = self._panel_left(0) + self.panel // 2
+        for row, text in enumerate(("Guided", "Grad-CAM")):
+            self._title.paint(figure, text, centre, top + self.panel // 2
+                              + row * self._title.line_height)
+        for slot, pixels in enumerate(guided, start=1):
+            left = self._panel_left(slot)
+            figure[top:top + self.panel, left:left + self.panel] = pixels
 
 
 def save_jpeg(figure: np.ndarray, path: Path, quality: int = 90) -> None:

@@ -82,7 +82,8 @@ def read_summary(save_dir: Path) -> list[dict[str, str]]:
     """summary.csv's rows, after checking its header."""
     with open(save_dir / "summary.csv", newline="", encoding="utf-8") as file:
         reader = csv.DictReader(file)
-        assert reader.fieldnames == SUMMARY_COLUMNS
+        assert reader.fieldnames[:len(SUMMARY_COLUMNS)] == SUMMARY_COLUMNS
+        assert all("_peak_" in name for name in reader.fieldnames[len(SUMMARY_COLUMNS):])
         return list(reader)
 
 
@@ -272,10 +273,13 @@ def test_list_layers_builtin_model() -> None:
     backcounts = [int(row[0]) for row in rows]
     assert len(backcounts) > 1
     assert backcounts == list(range(len(backcounts), 0, -1))
-    last = [line for line in result.out.splitlines() if line.strip()][-1]
-    assert last.split()[0] == "1"
-    assert last.split()[1] == "_conv_head"
-    assert "(1, 1280, 7, 7)" in last
+    last_conv = [line for line in result.out.splitlines() if line.split()[0] == "1"][0]
+    assert last_conv.split()[1] == "_conv_head"
+    assert "(1, 1280, 7, 7)" in last_conv
+    # modules after the last conv with a 4-D output are listed too, without a backcount
+    after = result.out.splitlines()[-1].split()
+    assert after[0] == "-" and after[1] == "_avg_pooling" and "(1, 1280, 1, 1)" in \
+        result.out.splitlines()[-1]
 
 
 # ----------------------------------------------------------------------------- tiny model runs
@@ -284,10 +288,12 @@ def test_list_layers_counts_every_conv_in_run_order(tiny_model: Path) -> None:
     """Each Conv2d once, in run order, numbered back from the last, with its output shape."""
     result = call_main(["--model_path", tiny_model, "--list_layers"])
     assert result.code == 0, result.err
-    rows = [line.split(None, 2) for line in result.out.splitlines()
+    rows = [line.split(None, 3) for line in result.out.splitlines()
             if line.strip() and line.split()[0].isdigit()]
-    assert [(row[0], row[1]) for row in rows] == [("3", "0"), ("2", "2"), ("1", "4")]
-    assert [row[2].strip() for row in rows] == ["(1, 4, 111, 111)", "(1, 8, 55, 55)",
+    assert [(row[0], row[1], row[2]) for row in rows] == [("3", "0", "Conv2d"),
+                                                          ("2", "2", "Conv2d"),
+                                                          ("1", "4", "Conv2d")]
+    assert [row[3].strip() for row in rows] == ["(1, 4, 111, 111)", "(1, 8, 55, 55)",
                                                 "(1, 8, 53, 53)"]
 
 
