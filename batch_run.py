@@ -228,8 +228,9 @@ def finish(entries: list[ImageEntry], labels: list[str], options: ExplainOptions
     header = outputs.summary_header(plan.ranks, settings.tags, options.metrics)
     outputs.write_summary(settings.save_dir, header, merged)
     if options.metrics:
-        print_metric_means(outputs.metric_means(merged, header, settings.tags), options,
-                           len(merged), len(plan.ranks))
+        ranks = ["top1"] if plan.is_top else plan.ranks
+        print_metric_means(outputs.metric_means(merged, header, settings.tags, ranks), options,
+                           len(merged), ranks)
     scores = outputs.accuracy(merged, labels, TOP) if plan.is_top else None
     if scores is not None:
         print(f"accuracy over {len(merged)} images whose folder names are labels: "
@@ -241,11 +242,13 @@ def finish(entries: list[ImageEntry], labels: list[str], options: ExplainOptions
 
 
 def print_metric_means(means: dict[str, dict[str, float]], options: ExplainOptions,
-                       n_images: int, n_maps: int) -> None:
-    """One line per layer: the method's mean faithfulness over every map of the run."""
+                       n_images: int, ranks: list[str]) -> None:
+    """One line per layer: the method's mean faithfulness over the run's maps of ``ranks``
+    (the predicted class's maps by default, as the papers report them)."""
     kind = "counterfactual " if options.counterfactual else ""
-    print(f"faithfulness of {kind}{options.method} over {n_images} image(s) x {n_maps} maps "
-          f"(deletion AUC: lower is better; insertion AUC: higher is better):")
+    print(f"faithfulness of {kind}{options.method} over {n_images} image(s), maps of "
+          f"{', '.join(ranks)} (deletion AUC: lower is better; insertion AUC: higher is "
+          f"better):")
     for tag, values in means.items():
         print(f"  {tag}: deletion AUC {values['deletion']:.4f}, insertion AUC "
               f"{values['insertion']:.4f}, average drop {values['drop']:.1f}%, "

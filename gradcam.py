@@ -14,6 +14,7 @@ only.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, Union
@@ -224,6 +225,8 @@ def _gradients_per_class(scores: torch.Tensor, activations: list[torch.Tensor],
     """
     n_classes = classes.shape[1]
     if not scores.requires_grad:  # no target layer reaches the scores: every gradient is 0
+        warnings.warn("no target layer reaches the class scores (a dead branch, or a no_grad "
+                      "block inside the model): every map is zero", RuntimeWarning)
         return [[torch.zeros_like(a) for a in activations] for _ in range(n_classes)]
     per_class = []
     for k in range(n_classes):

@@ -63,15 +63,15 @@ def extra_values(peaks: np.ndarray, metrics: np.ndarray | None) -> list[str]:
     return values
 
 
-def metric_means(rows: list[list[str]], header: list[str], tags: list[str]
-                 ) -> dict[str, dict[str, float]]:
-    """Per layer tag: the mean of each faithfulness metric over every map of every image."""
+def metric_means(rows: list[list[str]], header: list[str], tags: list[str],
+                 ranks: list[str]) -> dict[str, dict[str, float]]:
+    """Per layer tag: the mean of each faithfulness metric over the maps of ``ranks``."""
     means = {}
     for tag in tags:
         per_metric = {}
         for metric in METRICS:
-            columns = [i for i, name in enumerate(header)
-                       if name.endswith(f"_{metric}_{tag}")]
+            wanted = {f"{rank}_{metric}_{tag}" for rank in ranks}
+            columns = [i for i, name in enumerate(header) if name in wanted]
             values = [float(row[i]) for row in rows for i in columns if i < len(row)]
             per_metric[metric] = float(np.mean(values)) if values else float("nan")
         means[tag] = per_metric

@@ -1,0 +1,162 @@
+"""The explanation options end to end: methods, classes, layers, scale, metrics, guided."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main
+from gradcam import upsample_and_normalize
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+CAT = DATA / "tabby" / "chelsea.png"
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main.main(["--quiet", "--workers", "0", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def read_summary(save_dir: Path) -> list[dict[str, str]]:
+    with open(save_dir / "summary.csv", newline="", encoding="utf-8") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.parametrize("method", ["gradcam++", "xgradcam", "layercam", "hirescam"])
+def test_every_gradient_method_runs_from_the_command_line(method: str, tmp_path: Path,
+                                                          capsys) -> None:
+    """Each method writes a figure whose heading names it, and raw maps of its own."""
+    code, _, err = run(capsys, "--images_path", CAT, "--method", method, "--save_dir",
+                       tmp_path, "--save_raw")
+    assert code == 0, err
+    assert (tmp_path / "image0.jpg").exists()
+    reference = tmp_path / "reference"
+    assert run(capsys, "--images_path", CAT, "--save_dir", reference, "--save_raw")[0] == 0
+    ours = np.load(tmp_path / "raw" / "image0.npz")["layer1"]
+    gradcam = np.load(reference / "raw" / "image0.npz")["layer1"]
+    assert not np.allclose(ours, gradcam)
+
+
+def test_classes_by_name_and_index(tmp_path: Path, capsys) -> None:
+    """--classes tabby 967: every image explains those two classes, with their probabilities."""
+    code, _, err = run(capsys, "--n_images", "all", "--classes", "tabby", "967",
+                       "--save_dir", tmp_path)
+    assert code == 0, err
+    rows = read_summary(tmp_path)
+    assert [(r["class1"], r["class2"]) for r in rows] == [("tabby", "espresso")] * 5
+    espresso = [r for r in rows if r["path"] == "espresso/coffee.png"][0]
+    assert float(espresso["class2_prob"]) > 0.9 > float(espresso["class1_prob"])
+    assert "top1" not in rows[0] and "top-1" not in capsys.readouterr().out
+
+
+def test_unknown_class_name_suggests_close_labels(capsys) -> None:
+    code, _, err = run(capsys, "--classes", "tabbby")
+    assert code == 2 and "'tabby'" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "--classes", "1000")
+    assert code == 2 and "0..999" in err
+
+
+def test_true_class_panel_follows_the_folder(tmp_path: Path, capsys) -> None:
+    """--true_class adds the folder's class; data/'s folders are all ImageNet labels."""
+    code, _, err = run(capsys, "--n_images", "all", "--true_class", "--save_dir", tmp_path)
+    assert code == 0, err
+    rows = read_summary(tmp_path)
+    assert [r["true"] for r in rows] == [r["folder_label"] for r in rows]
+    grace = [r for r in rows if r["folder_label"] == "military uniform"][0]
+    assert grace["true_prob"] == grace["top3_prob"]  # the uniform is its third guess
+
+
+def test_true_class_of_an_unlabelled_folder_falls_back_to_top1(tmp_path: Path,
+                                                               capsys) -> None:
+    code, _, err = run(capsys, "--images_path", CAT, "--true_class", "--save_dir", tmp_path)
+    assert code == 0, err
+    row = read_summary(tmp_path)[0]
+    assert row["true"] == row["top1"] and row["folder_label"] == ""
+
+
+def test_layer_by_name_targets_any_4d_module(tmp_path: Path, capsys) -> None:
+    """--layer _swish _bn1: non-conv modules by name (_swish is a ReLU6 reused all through the
+    network: its last call counts); file names and npz keys carry the layer tag."""
+    code, _, err = run(capsys, "--images_path", CAT, "--layer", "_swish", "_bn1",
+                       "--save_dir", tmp_path, "--save_raw")
+    assert code == 0, err
+    assert {p.name for p in tmp_path.glob("*.jpg")} == {"layer-_swish.jpg", "layer-_bn1.jpg"}
+    raw = np.load(tmp_path / "raw" / "image0.npz")
+    assert raw["layer-_swish"].shape == (4, 7, 7) and raw["layer-_bn1"].shape == (4, 7, 7)
+
+
+def test_layer_typo_suggests_names(capsys) -> None:
+    code, _, err = run(capsys, "--layer", "_conv_haed")
+    assert code == 2 and "_conv_head" in err and "Traceback" not in err
+
+
+def test_shared_scale_keeps_weak_maps_weak() -> None:
+    """shared: one min-max per image and layer, so the ratio of two maps' peaks survives."""
+    strong = torch.zeros(1, 1, 2, 2)
+    strong[0, 0, 0, 0] = 4.0
+    weak = strong / 4
+    raw = [torch.cat([strong, weak], dim=1)]
+    per_map = upsample_and_normalize(raw, (2, 2))
+    shared = upsample_and_normalize(raw, (2, 2), shared=True)
+    assert per_map[0, 0, 1].max() == 1.0
+    torch.testing.assert_close(shared[0, 0, 1].max(), torch.tensor(0.25))
+    torch.testing.assert_close(shared[0, 0, 0], per_map[0, 0, 0])
+
+
+def test_shared_scale_titles_carry_peaks(tmp_path: Path, capsys) -> None:
+    code, _, err = run(capsys, "--images_path", CAT, "--scale", "shared", "--save_dir",
+                       tmp_path, "--save_raw")
+    assert code == 0, err
+    row = read_summary(tmp_path)[0]
+    raw = np.load(tmp_path / "raw" / "image0.npz")["layer1"]
+    peaks = [float(row[f"{rank}_peak_layer1"]) for rank in ("top1", "top2", "top3", "lowest")]
+    np.testing.assert_allclose(peaks, raw.max(axis=(1, 2)), rtol=1e-5)
+
+
+def test_counterfactual_score_cam_is_a_usage_error(capsys) -> None:
+    code, _, err = run(capsys, "--method", "scorecam", "--counterfactual")
+    assert code == 2 and "scorecam" in err
+
+
+def test_counterfactual_maps_are_the_negated_gradient_maps(tmp_path: Path, capsys) -> None:
+    """--counterfactual writes different raw maps: those of the negated gradients."""
+    plain, counter = tmp_path / "plain", tmp_path / "counter"
+    assert run(capsys, "--images_path", CAT, "--save_dir", plain, "--save_raw")[0] == 0
+    assert run(capsys, "--images_path", CAT, "--save_dir", counter, "--save_raw",
+               "--counterfactual")[0] == 0
+    a = np.load(plain / "raw" / "image0.npz")["layer1"]
+    b = np.load(counter / "raw" / "image0.npz")["layer1"]
+    assert (a * b == 0).mean() > 0.5  # where one is positive the other is mostly clipped
+
+
+def test_metrics_columns_and_means(tmp_path: Path, capsys) -> None:
+    """--metrics fills four numbers per map and prints the top-1 means per layer."""
+    code, out, err = run(capsys, "--n_images", "2", "--metrics", "--save_dir", tmp_path)
+    assert code == 0, err
+    rows = read_summary(tmp_path)
+    deletions = [float(r["top1_deletion_layer1"]) for r in rows]
+    insertions = [float(r["top1_insertion_layer1"]) for r in rows]
+    assert all(0 <= v <= 1 for v in deletions + insertions)
+    assert all(r["top1_increase_layer1"] in ("0", "1") for r in rows)
+    assert f"deletion AUC {np.mean(deletions):.4f}" in out
+
+
+def test_guided_adds_a_second_row(tmp_path: Path, capsys) -> None:
+    """--guided: the figure grows by one panel row of Guided Grad-CAM maps."""
+    plain, guided = tmp_path / "plain", tmp_path / "guided"
+    assert run(capsys, "--images_path", CAT, "--save_dir", plain)[0] == 0
+    code, _, err = run(capsys, "--images_path", CAT, "--save_dir", guided, "--guided")
+    assert code == 0, err
+    small = Image.open(plain / "image0.jpg")
+    tall = Image.open(guided / "image0.jpg")
+    assert tall.width == small.width and tall.height > small.height + 200
+    pixels = np.asarray(tall.convert("RGB"), dtype=np.float32)
+    bottom = pixels[small.height + 10:, small.width // 5:]
+    assert bottom.std() > 5  # the guided maps are not blank
