@@ -221,18 +221,29 @@ def _gradients_per_class(scores: torch.Tensor, activations: list[torch.Tensor],
     """For each of the K columns of ``classes``: d y_c / d A for every target layer.
 
     Images in a batch are independent in eval mode, so one backward pass of
-    ``sum_b scores[b, classes[b, k]]`` gives every image's own gradient.
+    ``sum_b scores[b, classes[b, k]]`` gives every image's own gradient; the K passes run
+    batched (vmap over the grad outputs) where every op of the graph supports it.
     """
     n_classes = classes.shape[1]
     if not scores.requires_grad:  # no target layer reaches the scores: every gradient is 0
         warnings.warn("no target layer reaches the class scores (a dead branch, or a no_grad "
                       "block inside the model): every map is zero", RuntimeWarning)
         return [[torch.zeros_like(a) for a in activations] for _ in range(n_classes)]
+    selectors = torch.zeros((n_classes,) + tuple(scores.shape), dtype=scores.dtype,
+                            device=scores.device)
+    selectors.scatter_(2, classes.t().unsqueeze(2), 1.0)
+    if n_classes > 1:
+        try:  # all K backward passes as one batched pass: fewer, bigger kernels
+            grads = torch.autograd.grad(scores, activations, grad_outputs=selectors,
+                                        retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+            return [[torch.zeros_like(a) if g is None else g[k]
+                     for a, g in zip(activations, grads)] for k in range(n_classes)]
+        except RuntimeError:  # an op without a batching rule: one pass per class
+            pass
     per_class = []
     for k in range(n_classes):
-        selector = torch.zeros_like(scores)
-        selector.scatter_(1, classes[:, k:k + 1], 1.0)
-        grads = torch.autograd.grad(scores, activations, grad_outputs=selector,
+        grads = torch.autograd.grad(scores, activations, grad_outputs=selectors[k],
                                     retain_graph=k < n_classes - 1, allow_unused=True)
         per_class.append([torch.zeros_like(a) if g is None else g
                           for a, g in zip(activations, grads)])
