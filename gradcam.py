@@ -85,11 +85,14 @@ class _ActivationRecorder:
         return activation.clone()
 
 
-def _check_classes(classes: torch.Tensor, batch_size: int) -> None:
-    if classes.dim() != 2 or classes.shape[0] != batch_size or classes.shape[1] < 1:
-        raise ValueError(f"classes must have shape (B, K) with B = {batch_size} images and K >= 1, "
-                         f"got {tuple(classes.shape)}")
-    if classes.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+def check_classes(classes: torch.Tensor, batch_size: int) -> None:
+    """ValueError unless ``classes`` is a (batch_size, K >= 1) integer tensor."""
+    if not isinstance(classes, torch.Tensor) or classes.dim() != 2 \
+            or classes.shape[0] != batch_size or classes.shape[1] < 1:
+        shape = tuple(classes.shape) if isinstance(classes, torch.Tensor) else type(classes)
+        raise ValueError(f"classes must be a tensor of shape (B, K) with B = {batch_size} images "
+                         f"and K >= 1, got {shape}")
+    if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
         raise ValueError(f"classes must be an integer tensor, got {classes.dtype}")
 
 
@@ -160,7 +163,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
     if len(layers) == 0:
         raise ValueError("layers is empty: give at least one target module")
     if isinstance(classes, torch.Tensor):
-        _check_classes(classes, images.shape[0])
+        check_classes(classes, images.shape[0])
     recorder = _ActivationRecorder(len(layers))
     with eval_mode(model), torch.inference_mode(False):
         with _forward_hooks(layers, recorder), torch.no_grad():
@@ -210,7 +213,7 @@ def _classes_for(scores, classes: ClassChoice, batch_size: int) -> torch.Tensor:
         raise ValueError("the model must return a (B, C) tensor of class scores")
     if not isinstance(classes, torch.Tensor):
         classes = classes(scores.detach())
-        _check_classes(classes, batch_size)
+        check_classes(classes, batch_size)
     if classes.max() >= scores.shape[1] or classes.min() < 0:
         raise ValueError(f"classes must lie in 0..{scores.shape[1] - 1}")
     return classes.to(scores.device).long()

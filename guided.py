@@ -54,7 +54,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
-from gradcam import eval_mode
+from gradcam import check_classes, eval_mode
 
 __all__ = ["guided_backprop", "guided_grad_cam"]
 
@@ -182,16 +182,6 @@ class _GuidedReLUMode(TorchFunctionMode):
         return _guided_relu(call)
 
 
-def _check_classes(classes: torch.Tensor, batch_size: int) -> None:
-    if not isinstance(classes, torch.Tensor) or classes.dim() != 2 \
-            or classes.shape[0] != batch_size or classes.shape[1] < 1:
-        shape = tuple(classes.shape) if isinstance(classes, torch.Tensor) else type(classes)
-        raise ValueError(f"classes must be a tensor of shape (B, K) with B = {batch_size} images "
-                         f"and K >= 1, got {shape}")
-    if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
-        raise ValueError(f"classes must be an integer tensor, got {classes.dtype}")
-
-
 def guided_backprop(model: nn.Module, images: torch.Tensor, classes: torch.Tensor
                     ) -> torch.Tensor:
     """Guided-backpropagation gradients of each image's class scores with respect to the image.
@@ -211,7 +201,7 @@ def guided_backprop(model: nn.Module, images: torch.Tensor, classes: torch.Tenso
     """
     if images.dim() != 4:
         raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
-    _check_classes(classes, images.shape[0])
+    check_classes(classes, images.shape[0])
     with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         pixels = images.detach().clone().requires_grad_(True)
         with _GuidedReLUMode() as mode:

@@ -36,15 +36,13 @@ def n_images_type(text: str) -> int | None:
     if text.lower() == "all":
         return None
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'all'")
-    return value
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'all'") from None
 
 
 def positive_int(text: str) -> int:
+    """A positive integer for argparse."""
     try:
         value = int(text)
     except ValueError:
