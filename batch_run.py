@@ -130,15 +130,17 @@ class Progress:
 
     PLAIN_EVERY_S = 30.0
 
-    def __init__(self, total: int, quiet: bool) -> None:
+    def __init__(self, total: int, quiet: bool, unit: str = "images") -> None:
         self.total = total
         self.done = 0
+        self.unit = unit
         self.started = self.last = time.monotonic()
         self.bar = None
         self.quiet = quiet or total == 0
         if not self.quiet and sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                            leave=unit == "images")
 
     def update(self, n: int) -> None:
         self.done += n
@@ -151,12 +153,26 @@ class Progress:
         self.last = now
         rate = self.done / max(now - self.started, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        print(f"progress: {self.done}/{self.total} images, {rate:.1f} images/s, "
+        print(f"progress: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, "
               f"ETA {eta:.0f} s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def score_progress(quiet: bool):
+    """A ``progress(done, total)`` callback for Score-CAM's masked passes: one bar per layer
+    and batch, gone when it is full."""
+    current: list[Progress] = []
+
+    def report(done: int, total: int) -> None:
+        if not current:
+            current.append(Progress(total, quiet, unit="Score-CAM passes"))
+        current[0].update(done - current[0].done)
+        if done >= total:
+            current.pop().close()
+    return report
 
 
 # ----------------------------------------------------------------------------- the run
@@ -179,7 +195,7 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
     index = LabelIndex(labels)
     class_of_folder = (lambda folder: -1 if (found := index.find(folder)) is None else found)
     explainer = Explainer(model, targets, labels, options, settings, preprocessing.crop, log,
-                          class_of_folder)
+                          class_of_folder, score_progress(settings.quiet or not dist.leader))
     progress = Progress(len(mine), settings.quiet or not dist.leader)
     try:
         loader = make_loader(mine, preprocessing, settings.batch_size, settings.workers, device)

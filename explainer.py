@@ -125,7 +125,7 @@ class Explainer:
 
     def __init__(self, model: nn.Module, targets: list[Target], labels: list[str],
                  options: ExplainOptions, settings, panel: int, log: outputs.SummaryLog,
-                 class_of_folder) -> None:
+                 class_of_folder, score_progress=None) -> None:
         self.model = model
         self.targets = targets
         self.labels = labels
@@ -133,6 +133,7 @@ class Explainer:
         self.plan = ClassPlan(options)
         self.settings = settings
         self.class_of_folder = class_of_folder
+        self.score_progress = score_progress
         self.figures = FigureWriter(n_maps=len(self.plan.ranks), panel=panel,
                                     guided_row=options.guided)
         self.log = log
@@ -150,7 +151,7 @@ class Explainer:
             self.model, inputs, [t.module for t in self.targets],
             lambda s: self.plan.choose(s, truth), method=options.method,
             counterfactual=options.counterfactual, raw=True,
-            batch_size=options.score_batch_size)
+            batch_size=options.score_batch_size, progress=self.score_progress)
         classes = self.plan.choose(scores, truth)
         maps = upsample_and_normalize(raw_maps, inputs.shape[-2:], shared=options.shared_scale)
         probabilities = torch.softmax(scores.float(), dim=1).gather(1, classes)

@@ -160,3 +160,19 @@ def test_guided_adds_a_second_row(tmp_path: Path, capsys) -> None:
     pixels = np.asarray(tall.convert("RGB"), dtype=np.float32)
     bottom = pixels[small.height + 10:, small.width // 5:]
     assert bottom.std() > 5  # the guided maps are not blank
+
+
+def test_score_cam_runs_batched_with_progress_lines(tmp_path: Path, monkeypatch,
+                                                    capsys) -> None:
+    """Score-CAM at a 320-channel layer: 320 masked passes, reported as they go, and a map
+    that is not Grad-CAM's."""
+    import batch_run
+    monkeypatch.setattr(batch_run.Progress, "PLAIN_EVERY_S", 0.0)
+    code = main.main(["--images_path", str(CAT), "--method", "scorecam", "--conv2d_backcount",
+                      "2", "--save_dir", str(tmp_path), "--save_raw", "--workers", "0"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    passes = [line for line in err.splitlines() if "Score-CAM passes" in line]
+    assert passes and passes[-1].startswith("progress: 320/320 Score-CAM passes")
+    score = np.load(tmp_path / "raw" / "image0.npz")["layer2"]
+    assert score.shape == (4, 7, 7) and np.isfinite(score).all() and score.max() > 0
