@@ -137,6 +137,12 @@ class Explainer:
         self.figures = FigureWriter(n_maps=len(self.plan.ranks), panel=panel,
                                     guided_row=options.guided)
         self.log = log
+        if options.method == "scorecam" and any(isinstance(t.module, nn.Conv2d)
+                                                for t in targets):
+            print("warning: Score-CAM weights channels by class probabilities, all positive, "
+                  "so on a conv's signed output its maps are often zero; a layer after the "
+                  "activation suits it better (e.g. --layer with a ReLU's name from "
+                  "--list_layers)", file=sys.stderr)
         self.show = settings.show
         if self.show and not display_available():
             print("warning: --show: no display available; figures are saved but not shown",

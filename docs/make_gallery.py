@@ -25,6 +25,9 @@ import main as cli  # noqa: E402
 from cam_methods import METHODS  # noqa: E402
 
 PHOTO = ROOT / "data" / "tabby" / "chelsea.png"
+# The final activation (ReLU6 after the head conv and its BatchNorm): non-negative, as
+# Score-CAM's channel masks assume, so all six methods are compared at one fair layer.
+LAYER = ["--layer", "_swish"]
 
 
 def run_quietly(argv: list[str]) -> str:
@@ -41,7 +44,7 @@ def gallery(workdir: Path) -> Path:
     for method in METHODS:
         save_dir = workdir / f"gallery-{method}"
         run_quietly(["--images_path", str(PHOTO), "--method", method, "--save_dir",
-                     str(save_dir)])
+                     str(save_dir)] + LAYER)
         rows.append(np.asarray(Image.open(save_dir / "image0.jpg").convert("RGB")))
     target = ROOT / "docs" / "gallery.jpg"
     Image.fromarray(np.concatenate(rows, axis=0)).save(target, quality=85)
@@ -56,7 +59,7 @@ def metrics_table(workdir: Path) -> str:
     for method, entry in METHODS.items():
         printed = run_quietly(["--images_path", str(ROOT / "data"), "--n_images", "all",
                                "--method", method, "--metrics", "--save_dir",
-                               str(workdir / f"metrics-{method}")])
+                               str(workdir / f"metrics-{method}")] + LAYER)
         deletion, insertion, drop, increase = pattern.search(printed).groups()
         lines.append(f"| {entry.name} | {deletion} | {insertion} | {drop}% | {increase}% |")
     return "\n".join(lines)
