@@ -164,15 +164,16 @@ def test_guided_adds_a_second_row(tmp_path: Path, capsys) -> None:
 
 def test_score_cam_runs_batched_with_progress_lines(tmp_path: Path, monkeypatch,
                                                     capsys) -> None:
-    """Score-CAM at a 320-channel layer: 320 masked passes, reported as they go, and a map
-    that is not Grad-CAM's."""
+    """Score-CAM at a 16-channel conv (backcount 47): 16 masked passes in batches of 64,
+    reported as they go, a warning that a conv's signed output does not suit it, and a map."""
     import batch_run
     monkeypatch.setattr(batch_run.Progress, "PLAIN_EVERY_S", 0.0)
     code = main.main(["--images_path", str(CAT), "--method", "scorecam", "--conv2d_backcount",
-                      "2", "--save_dir", str(tmp_path), "--save_raw", "--workers", "0"])
+                      "47", "--save_dir", str(tmp_path), "--save_raw", "--workers", "0"])
     err = capsys.readouterr().err
     assert code == 0, err
     passes = [line for line in err.splitlines() if "Score-CAM passes" in line]
-    assert passes and passes[-1].startswith("progress: 320/320 Score-CAM passes")
-    score = np.load(tmp_path / "raw" / "image0.npz")["layer2"]
-    assert score.shape == (4, 7, 7) and np.isfinite(score).all() and score.max() > 0
+    assert passes and passes[-1].startswith("progress: 16/16 Score-CAM passes")
+    assert "warning: Score-CAM" in err
+    score = np.load(tmp_path / "raw" / "image0.npz")["layer47"]
+    assert score.shape == (4, 112, 112) and np.isfinite(score).all()
