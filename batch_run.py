@@ -34,6 +34,7 @@ class RunSettings:
     quiet: bool = False
     save_raw: bool = False
     skip_existing: bool = False
+    signature: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class RunResult:
     unreadable: int = 0
     already_done: int = 0
     rows: list[list[str]] = field(default_factory=list)
+    resumed: bool = False
 
 
 # ----------------------------------------------------------------------------- distribution
@@ -183,17 +185,26 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
     """Explain this process's share of ``entries``; returns what happened to them."""
     result = RunResult()
     mine = entries[dist.rank::dist.world]
-    settings.save_dir.mkdir(parents=True, exist_ok=True)
-    if settings.save_raw:
-        (settings.save_dir / outputs.RAW_FOLDER).mkdir(exist_ok=True)
     if settings.skip_existing:
-        done_rows = outputs.previous_rows(settings.save_dir)
-        todo = [e for e in mine if not _already_done(e, settings, done_rows)]
-        result.already_done = len(mine) - len(todo)
-        mine = todo
+        result.resumed = outputs.same_run(settings.save_dir, settings.signature)
+        if result.resumed:
+            done_rows = outputs.previous_rows(settings.save_dir)
+            todo = [e for e in mine if not _already_done(e, settings, done_rows)]
+            result.already_done = len(mine) - len(todo)
+            mine = todo
+        elif dist.leader and (settings.save_dir / outputs.SUMMARY).exists():
+            print(f"warning: --skip_existing: the outputs in {settings.save_dir} were made with "
+                  f"other options (model, layers, method, classes, ...); doing every image "
+                  f"again", file=sys.stderr)
+    dist.gather(None)  # every process has read the old signature before it is replaced
+    if dist.leader:
+        outputs.record_run(settings.save_dir, settings.signature)
     log = outputs.SummaryLog(settings.save_dir, dist.rank)
     index = LabelIndex(labels)
-    class_of_folder = (lambda folder: -1 if (found := index.find(folder)) is None else found)
+    def class_of_folder(folder: str | None) -> int:
+        found = index.find(folder)
+        return -1 if found is None else found
+
     explainer = Explainer(model, targets, labels, options, settings, preprocessing.crop, log,
                           class_of_folder, score_progress(settings.quiet or not dist.leader))
     progress = Progress(len(mine), settings.quiet or not dist.leader)
@@ -228,11 +239,11 @@ def _already_done(entry: ImageEntry, settings: RunSettings,
 def finish(entries: list[ImageEntry], labels: list[str], options: ExplainOptions,
            settings: RunSettings, result: RunResult, dist: Distributed) -> RunResult:
     """Merge every process's rows into summary.csv and report; returns the run's totals."""
-    carried = outputs.previous_rows(settings.save_dir) if settings.skip_existing else {}
     gathered = dist.gather(result)
     if not dist.leader:
         return RunResult(*(sum(getattr(r, name) for r in gathered)
                            for name in ("processed", "unreadable", "already_done")))
+    carried = outputs.previous_rows(settings.save_dir) if result.resumed else {}
     wanted = {entry.index: entry.relative for entry in entries}
     rows = {i: row for i, row in carried.items() if wanted.get(i) == row[1]}
     for process in gathered:
@@ -247,10 +258,10 @@ def finish(entries: list[ImageEntry], labels: list[str], options: ExplainOptions
         ranks = ["top1"] if plan.is_top else plan.ranks
         print_metric_means(outputs.metric_means(merged, header, settings.tags, ranks), options,
                            len(merged), ranks)
-    scores = outputs.accuracy(merged, labels, TOP) if plan.is_top else None
+    scores = outputs.accuracy(merged, labels, plan.top) if plan.is_top else None
     if scores is not None:
         print(f"accuracy over {len(merged)} images whose folder names are labels: "
-              f"top-1 {scores[0]:.1%}, top-{TOP} {scores[1]:.1%}")
+              f"top-1 {scores[0]:.1%}, top-{plan.top} {scores[1]:.1%}")
     done = f", {total.already_done} already done" if total.already_done else ""
     print(f"processed {total.processed} image(s), skipped {total.unreadable}{done}; "
           f"figures in {settings.save_dir}")

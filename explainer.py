@@ -18,7 +18,7 @@ from torch import nn
 
 import outputs
 from cam_methods import METHODS
-from gradcam import explain, upsample_and_normalize
+from gradcam import explain, top_and_lowest, upsample_and_normalize
 from utils import (FigureWriter, ImageEntry, display_available, first_name, format_probability,
                    guided_to_rgb, save_jpeg, show_figure)
 
@@ -51,6 +51,7 @@ class ExplainOptions:
     shared_scale: bool = False
     metrics: bool = False
     score_batch_size: int = 64
+    n_classes: int = 1000
 
 
 class ClassPlan:
@@ -60,8 +61,9 @@ class ClassPlan:
         self.fixed = list(options.classes) if options.classes else None
         self.true_class = options.true_class
         self.counterfactual = options.counterfactual
+        self.top = min(TOP, options.n_classes)
         base = ([f"class{i + 1}" for i in range(len(self.fixed))] if self.fixed
-                else [f"top{r + 1}" for r in range(TOP)] + ["lowest"])
+                else [f"top{r + 1}" for r in range(self.top)] + ["lowest"])
         self.ranks = base + (["true"] if self.true_class else [])
 
     @property
@@ -73,8 +75,7 @@ class ClassPlan:
         if self.fixed:
             chosen = torch.tensor(self.fixed, device=scores.device).expand(scores.shape[0], -1)
         else:
-            best = scores.topk(min(TOP, scores.shape[1]), dim=1).indices
-            chosen = torch.cat([best, scores.argmin(dim=1, keepdim=True)], dim=1)
+            chosen = top_and_lowest(scores, self.top)
         if self.true_class:
             truth = truth.to(scores.device)
             fallback = scores.argmax(dim=1)
@@ -162,7 +163,12 @@ class Explainer:
         maps = upsample_and_normalize(raw_maps, inputs.shape[-2:], shared=options.shared_scale)
         probabilities = torch.softmax(scores.float(), dim=1).gather(1, classes)
         guided = self._guided(inputs, classes, maps) if options.guided else None
-        metrics = self._metrics(inputs, classes, maps) if options.metrics else None
+        if options.metrics:  # faithfulness is measured on each map's own [0, 1] scale
+            per_map = (upsample_and_normalize(raw_maps, inputs.shape[-2:])
+                       if options.shared_scale else maps)
+            metrics = self._metrics(inputs, classes, per_map)
+        else:
+            metrics = None
         peaks = torch.stack([m.amax(dim=(2, 3)) for m in raw_maps]).cpu().numpy()
         maps, classes = maps.cpu().numpy(), classes.cpu().numpy()
         probabilities = probabilities.cpu().numpy()

@@ -26,6 +26,15 @@ class UsageError(Exception):
     """A mistake on the command line or in its inputs: one line, exit code 2."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except None ones: their help text says what happens instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + message
         raise UsageError(f"{message} (see python main.py --help)")
@@ -60,15 +69,15 @@ def non_negative_int(text: str) -> int:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="main.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="main.py", formatter_class=_HelpFormatter,
         description="Grad-CAM heatmaps for a PyTorch CNN's top-3 and lowest-scoring classes.")
     parser.add_argument("--model_path", default=None,
                         help="a torch.save(model) file, a state_dict file (with --arch), a "
                              "torchvision model name (e.g. vgg16), or efficientnet-lite0; "
                              "omitted: the built-in efficientnet-lite0 ImageNet model")
-    parser.add_argument("--conv2d_backcount", type=int, nargs="+", default=[1], metavar="N",
+    parser.add_argument("--conv2d_backcount", type=int, nargs="+", default=None, metavar="N",
                         help="Conv2d layer(s) to explain, counted back from the last one to run "
-                             "(1 = last)")
+                             "(1 = last; default: 1)")
     parser.add_argument("--images_path", default="data",
                         help="ImageFolder root (one subfolder per class), a flat folder of "
                              "images, or one image file")
@@ -91,7 +100,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the model runs; auto: cuda, then mps, then cpu")
     parser.add_argument("--list_layers", action="store_true",
-                        help="print the numbered Conv2d layers and exit")
+                        help="print every layer with a 4-D output in run order (Conv2d layers "
+                             "with their backcount), then exit")
     parser.add_argument("--batch_size", type=positive_int, default=None,
                         help=f"images per forward pass (default: {CPU_BATCH_SIZE} on CPU, "
                              f"{GPU_BATCH_SIZE} on GPU)")
@@ -135,6 +145,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = get_args_parser().parse_args(argv)
     if args.imageNet_labels and args.labels_path:
         raise UsageError("give either --imageNet_labels or --labels_path, not both")
+    if args.layer and args.conv2d_backcount:
+        raise UsageError("give either --layer or --conv2d_backcount, not both")
+    args.conv2d_backcount = args.conv2d_backcount or [1]
     return args
 
 
@@ -191,7 +204,7 @@ def pick_targets(layers: list, backcounts: list[int], names: list[str] | None) -
     convs = [layer for layer in layers if layer.is_conv]
     if not convs:
         raise UsageError("the model has no Conv2d layer that runs in its forward pass; "
-                         "Grad-CAM needs one")
+                         "Grad-CAM needs one (or name a layer with a 4-D output with --layer)")
     bad = [b for b in backcounts if not 1 <= b <= len(convs)]
     if bad:
         raise UsageError(f"--conv2d_backcount {bad[0]} is out of range: this model has "
@@ -222,10 +235,10 @@ def resolve_classes(names: list[str] | None, labels: list[str]) -> tuple[int, ..
     index = LabelIndex(labels)
     found = []
     for name in names:
-        if name.lstrip("-").isdigit() and not 0 <= int(name) < len(labels):
+        if name.lstrip("-").isdecimal() and not 0 <= int(name) < len(labels):
             raise UsageError(f"--classes {name}: out of range; the model has classes "
                              f"0..{len(labels) - 1}")
-        class_index = index.find(name)
+        class_index = index.find(name, allow_index=True)
         if class_index is None:
             close = index.suggestions(name)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -253,18 +266,36 @@ def select_images(entries: list, n_images: int | None) -> list:
     return entries if n_images is None else entries[:n_images]
 
 
-def make_save_dir(save_dir: str) -> Path:
+def make_save_dir(save_dir: str, save_raw: bool) -> Path:
+    """Create --save_dir (and raw/ in it) and check that files can be written there."""
     path = Path(save_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
+        if save_raw:
+            (path / "raw").mkdir(exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as error:
-        raise UsageError(f"--save_dir {save_dir}: cannot create it ({error.strerror})") from None
+        raise UsageError(f"--save_dir {save_dir}: cannot write there "
+                         f"({error.strerror or error}); choose another folder") from None
     return path
 
 
 def default_workers() -> int:
     """Decoding processes: leave one core to the model, use at most 8."""
     return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def run_signature(args: argparse.Namespace, targets: list, options, n_images: int) -> dict:
+    """Everything that shapes a run's outputs; --skip_existing keeps outputs only when it
+    matches the one recorded in --save_dir."""
+    from dataclasses import asdict
+    return {"model": [args.model_path, args.arch], "images": str(args.images_path),
+            "layer_named_files": len(targets) > 1 and n_images == 1,
+            "targets": [[t.tag, t.name] for t in targets],
+            "labels": [args.labels_path, args.imageNet_labels], "save_raw": args.save_raw,
+            "options": {k: v for k, v in asdict(options).items() if k != "score_batch_size"}}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -295,26 +326,27 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
         raise UsageError("the model must return one (batch, classes) tensor of scores; got "
                          f"{type(scores).__name__}")
-    if not any(layer.is_conv for layer in layers) and not args.layer:
-        raise UsageError("the model has no Conv2d layer that runs in its forward pass; "
-                         "Grad-CAM needs one (or name a 4-D layer with --layer)")
     if args.list_layers:
+        if not layers:
+            raise UsageError("the model has no layer with a 4-D output to explain")
         print_layers(layers)
         return 0
     targets = pick_targets(layers, args.conv2d_backcount, args.layer)
     labels = choose_labels(args, scores.shape[1])
+    batch_size = args.batch_size or (GPU_BATCH_SIZE if device.type == "cuda" else
+                                     CPU_BATCH_SIZE)
     options = ExplainOptions(
         method=args.method, counterfactual=args.counterfactual, guided=args.guided,
         classes=resolve_classes(args.classes, labels), true_class=args.true_class,
-        shared_scale=args.scale == "shared", metrics=args.metrics)
+        shared_scale=args.scale == "shared", metrics=args.metrics,
+        score_batch_size=batch_size, n_classes=scores.shape[1])
     settings = RunSettings(
-        save_dir=make_save_dir(args.save_dir), tags=[t.tag for t in targets],
-        n_selected=len(entries),
-        batch_size=args.batch_size or (GPU_BATCH_SIZE if device.type == "cuda" else
-                                       CPU_BATCH_SIZE),
+        save_dir=make_save_dir(args.save_dir, args.save_raw), tags=[t.tag for t in targets],
+        n_selected=len(entries), batch_size=batch_size,
         workers=default_workers() if args.workers is None else args.workers,
         show=args.show, quiet=args.quiet, save_raw=args.save_raw,
-        skip_existing=args.skip_existing)
+        skip_existing=args.skip_existing,
+        signature=run_signature(args, targets, options, len(entries)))
     dist.start(device)
     try:
         result = run_batches(model, preprocessing, entries, targets, labels, options,

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -78,6 +80,23 @@ def metric_means(rows: list[list[str]], header: list[str], tags: list[str],
     return means
 
 
+SIGNATURE = ".run-signature.json"
+
+
+def same_run(save_dir: Path, signature: dict) -> bool:
+    """Whether save_dir's outputs were made with these settings (so they can be kept)."""
+    try:
+        return json.loads((save_dir / SIGNATURE).read_text(encoding="utf-8")) == signature
+    except (OSError, ValueError):
+        return False
+
+
+def record_run(save_dir: Path, signature: dict) -> None:
+    """Note what the outputs in save_dir are made with, for a later --skip_existing."""
+    with atomic_path(save_dir / SIGNATURE) as temporary:
+        temporary.write_text(json.dumps(signature, sort_keys=True), encoding="utf-8")
+
+
 def _log_path(save_dir: Path, rank: int) -> Path:
     return save_dir / f".summary.rank{rank}.log.csv"
 
@@ -106,10 +125,13 @@ def previous_rows(save_dir: Path) -> dict[int, list[str]]:
     for source in sources:
         if not source.exists():
             continue
-        with open(source, newline="", encoding="utf-8") as file:
-            for row in csv.reader(file):
-                if row and row[0].isdigit():
-                    rows[int(row[0])] = row
+        try:
+            with open(source, newline="", encoding="utf-8") as file:
+                for row in csv.reader(file):
+                    if row and row[0].isdigit():
+                        rows[int(row[0])] = row
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            print(f"warning: ignoring {source}: {error}", file=sys.stderr)
     return rows
 
 
@@ -143,16 +165,19 @@ def save_raw(path: Path, maps_by_tag: dict[str, np.ndarray], classes: np.ndarray
 
 
 def accuracy(rows: list[list[str]], labels: list[str], top: int) -> tuple[float, float] | None:
-    """Top-1 and top-``top`` accuracy when every image's folder name is one of the labels."""
-    from utils import LabelIndex
+    """Top-1 and top-``top`` accuracy when every image's folder name is one of the labels.
+
+    Folder and predicted labels are compared by name, so classes that share a name (ImageNet
+    has two 'crane's) count as the same answer, as a folder name cannot tell them apart."""
+    from utils import LabelIndex, name_key
     index = LabelIndex(labels)
     folder_column, first_label = 2, 3
-    truths = [index.find(row[folder_column]) if row[folder_column] else None for row in rows]
-    if not rows or any(truth is None for truth in truths):
+    if not rows or any(index.find(row[folder_column]) is None for row in rows):
         return None
     hits_1 = hits_k = 0
-    for row, truth in zip(rows, truths):
-        predicted = [index.find(row[first_label + 2 * r]) for r in range(top)]
-        hits_1 += predicted[0] == truth
-        hits_k += truth in predicted
+    for row in rows:
+        truth = name_key(row[folder_column])
+        matches = [truth in index.names(row[first_label + 2 * r]) for r in range(top)]
+        hits_1 += matches[0]
+        hits_k += any(matches)
     return hits_1 / len(rows), hits_k / len(rows)

@@ -166,32 +166,42 @@ def default_labels(n_classes: int) -> list[str]:
     return [f"class {i}" for i in range(n_classes)]
 
 
-def _name_key(name: str) -> str:
-    return " ".join(name.replace("_", " ").split()).lower()
+def name_key(name: str) -> str:
+    """Case, underscores and spacing do not matter when names are compared."""
+    return ", ".join(" ".join(part.replace("_", " ").split())
+                     for part in name.split(",")).lower()
 
 
 class LabelIndex:
-    """Class indices by name: a full label, any of its comma-separated names, or an index."""
+    """Class indices by name: a full label or any of its comma-separated names."""
 
     def __init__(self, labels: list[str]) -> None:
         self.labels = labels
         self._by_name: dict[str, int] = {}
         for index, label in enumerate(labels):
             for name in [label] + label.split(","):
-                self._by_name.setdefault(_name_key(name), index)
+                self._by_name.setdefault(name_key(name), index)
 
-    def find(self, name: str | None) -> int | None:
-        """The class a name (or a number in range) stands for, else None."""
+    def find(self, name: str | None, allow_index: bool = False) -> int | None:
+        """The class a name stands for, else None. With ``allow_index`` a number in range is
+        taken as an index, but only when no label is spelt that way."""
         if name is None:
             return None
-        if name.strip().isdigit() and int(name) < len(self.labels):
-            return int(name)
-        return self._by_name.get(_name_key(name))
+        found = self._by_name.get(name_key(name))
+        if found is None and allow_index and name.strip().isdecimal() \
+                and int(name) < len(self.labels):
+            found = int(name)
+        return found
+
+    def names(self, label: str) -> set[str]:
+        """Every way ``label`` may be written: whole, or any of its comma-separated names."""
+        return {name_key(name) for name in [label] + label.split(",")}
 
     def suggestions(self, name: str) -> list[str]:
         import difflib
-        keys = difflib.get_close_matches(_name_key(name), list(self._by_name), n=3)
-        return [self.labels[self._by_name[k]] for k in keys]
+        keys = difflib.get_close_matches(name_key(name), list(self._by_name), n=6)
+        close = dict.fromkeys(self.labels[self._by_name[k]] for k in keys)
+        return list(close)[:3]
 
 
 def first_name(label: str) -> str:
@@ -212,11 +222,16 @@ def format_probability(probability: float) -> str:
 
 # ----------------------------------------------------------------------------- figures out
 
+@functools.lru_cache(maxsize=1)
+def _jet_lut() -> np.ndarray:
+    """matplotlib's jet colour map as a (256, 3) RGB lookup table."""
+    from matplotlib import colormaps
+    return (colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.float32)
+
+
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
     """Blend a [0, 1] heatmap, coloured with the jet colour map, over a uint8 RGB image."""
-    from matplotlib import colormaps
-    lut = (colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.float32)
-    colours = lut[np.clip(heatmap * 255.0 + 0.5, 0, 255).astype(np.uint8)]
+    colours = _jet_lut()[np.clip(heatmap * 255.0 + 0.5, 0, 255).astype(np.uint8)]
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 

@@ -200,3 +200,26 @@ def test_torchrun_two_processes_match_a_single_process(single_run: Path,
     assert "processed 5 image(s), skipped 0" in done.stdout
     assert done.stdout.count("processed") == 1  # only the first process reports
     assert_same_run(single_run, tmp_path)
+
+
+def test_skip_existing_redoes_everything_when_the_options_change(tmp_path: Path,
+                                                                 capsys) -> None:
+    """Outputs made with other options are not kept: the rows always fit the header."""
+    assert run_cli("--n_images", "2", "--save_dir", str(tmp_path), "--skip_existing") == 0
+    capsys.readouterr()
+    assert run_cli("--n_images", "2", "--save_dir", str(tmp_path), "--skip_existing",
+                   "--classes", "tabby") == 0
+    captured = capsys.readouterr()
+    assert "other options" in captured.err and "processed 2 image(s)" in captured.out
+    rows = read_summary(tmp_path)
+    assert all(None not in row and row["class1"] == "tabby" for row in rows)
+
+
+def test_an_unreadable_old_summary_is_ignored_with_a_warning(tmp_path: Path, capsys) -> None:
+    """A summary.csv re-saved in another encoding does not stop a resumed run."""
+    assert run_cli("--n_images", "2", "--save_dir", str(tmp_path)) == 0
+    (tmp_path / "summary.csv").write_bytes(b"index,path\n0,caf\xe9\n")
+    capsys.readouterr()
+    assert run_cli("--n_images", "2", "--save_dir", str(tmp_path), "--skip_existing") == 0
+    assert "ignoring" in capsys.readouterr().err
+    assert len(read_summary(tmp_path)) == 2

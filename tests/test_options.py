@@ -177,3 +177,46 @@ def test_score_cam_runs_batched_with_progress_lines(tmp_path: Path, monkeypatch,
     assert "warning: Score-CAM" in err
     score = np.load(tmp_path / "raw" / "image0.npz")["layer47"]
     assert score.shape == (4, 112, 112) and np.isfinite(score).all()
+
+
+def test_a_two_class_model_gets_top2_and_lowest(tmp_path: Path, capsys) -> None:
+    """With fewer than 3 classes the panels are top-1, top-2 and lowest, and every row fits
+    the header."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    model_file = tmp_path / "two.pt"
+    torch.save(model, model_file)
+    code, _, err = run(capsys, "--model_path", model_file, "--images_path", CAT,
+                       "--save_dir", tmp_path / "out")
+    assert code == 0, err
+    with open(tmp_path / "out" / "summary.csv", newline="", encoding="utf-8") as file:
+        rows = list(csv.reader(file))
+    header = rows[0]
+    assert header[3:9] == ["top1", "top1_prob", "top2", "top2_prob", "lowest", "lowest_prob"]
+    assert all(len(row) == len(header) for row in rows)
+
+
+def test_label_names_win_over_indices() -> None:
+    """A folder named '1' means the label '1', even when that label is class 0."""
+    from utils import LabelIndex
+    index = LabelIndex(["1", "2", "cat, kitty"])
+    assert index.find("1") == 0 and index.find("2") == 1
+    assert index.find("cat,kitty") == 2 and index.find("Kitty") == 2
+    assert index.find("0") is None and index.find("0", allow_index=True) == 0
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--classes", "\u00b2"], "not a class index"),
+    (["--layer", "_conv_head", "--conv2d_backcount", "2"], "not both"),
+])
+def test_more_usage_errors(args: list[str], words: str, capsys) -> None:
+    code, _, err = run(capsys, *args)
+    assert code == 2 and words in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_save_dir_where_raw_is_a_file(tmp_path: Path, capsys) -> None:
+    (tmp_path / "raw").write_text("not a folder")
+    code, _, err = run(capsys, "--images_path", CAT, "--save_dir", tmp_path, "--save_raw")
+    assert code == 2 and "--save_dir" in err and "Traceback" not in err
