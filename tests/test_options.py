@@ -220,3 +220,9 @@ def test_save_dir_where_raw_is_a_file(tmp_path: Path, capsys) -> None:
     (tmp_path / "raw").write_text("not a folder")
     code, _, err = run(capsys, "--images_path", CAT, "--save_dir", tmp_path, "--save_raw")
     assert code == 2 and "--save_dir" in err and "Traceback" not in err
+
+
+def test_method_flag_lists_exactly_the_registry() -> None:
+    """main.py names the methods itself (no torch import before --help); they must match."""
+    from cam_methods import METHODS
+    assert tuple(METHODS) == main.METHOD_NAMES
