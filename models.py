@@ -122,14 +122,21 @@ def _torchvision_pretrained(name: str) -> tuple[nn.Module, Preprocessing]:
 
 
 def _allowed_module_classes() -> dict[str, type]:
-    """Every nn.Module class of torch.nn, torchvision.models and torchvision.ops, by full name."""
+    """Every nn.Module class of torch.nn, torchvision.models and torchvision.ops, by full name.
+
+    Left out: torch.fx GraphModules (unpickling one compiles and runs the code stored in the
+    file) and torchvision's feature-extraction helpers, which are built on them.
+    """
+    import torch.fx
     import torchvision.models  # noqa: F401  (imports the model and ops modules)
     allowed = {}
     for module_name, module in list(sys.modules.items()):
-        if module is None or not module_name.startswith(_ALLOWED_PREFIXES):
+        if module is None or not module_name.startswith(_ALLOWED_PREFIXES) \
+                or "feature_extraction" in module_name:
             continue
         for value in vars(module).values():
             if (isinstance(value, type) and issubclass(value, nn.Module)
+                    and not issubclass(value, torch.fx.GraphModule)
                     and value.__module__ == module_name):
                 allowed[f"{module_name}.{value.__qualname__}"] = value
     return allowed
@@ -141,6 +148,11 @@ def _load_file(path: Path, trust_model: bool):
         return _load_legacy_file(path, trust_model)
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except pickle.UnpicklingError as error:  # pickle opcodes the scanner cannot follow
+        if trust_model:
+            return _torch_load(path, weights_only=False)
+        raise ModelError(f"--model_path {path} cannot be checked without running code from it "
+                         f"({error}); if you trust the file, add --trust_model") from None
     except Exception as error:
         raise ModelError(f"--model_path {path}: not a file written by torch.save() "
                          f"({type(error).__name__}: {error})") from None

@@ -631,3 +631,21 @@ def test_main_both_label_options_is_a_usage_error(images: Path, tmp_path: Path,
     code, _, err = run_main(capsys, "--imageNet_labels", "--labels_path", labels,
                             *common_args(images, tmp_path))
     assert_user_error(code, err, "--imageNet_labels", "--labels_path")
+
+
+def test_fx_graph_module_is_not_on_the_allow_list(tmp_path: Path) -> None:
+    """Unpickling a torch.fx GraphModule compiles code stored in the file: it needs
+    --trust_model even though it comes from torchvision's feature extraction; with it, the
+    model loads and gives the original's features."""
+    import torch.fx
+    from torchvision.models.feature_extraction import create_feature_extractor
+    model = torchvision.models.resnet18(weights=None)
+    extractor = create_feature_extractor(model, return_nodes={"layer4": "out"})
+    assert isinstance(extractor, torch.fx.GraphModule)
+    path = tmp_path / "fx.pt"
+    torch.save(extractor, path)
+    with pytest.raises(models.ModelError, match="trust_model"):
+        models.load_model(str(path))
+    loaded, _ = models.load_model(str(path), trust_model=True)
+    image = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(loaded.eval()(image)["out"], extractor.eval()(image)["out"])
