@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import outputs
-from explainer import TOP, ClassPlan, ExplainOptions, Explainer, Target, outputs_of
+from explainer import ClassPlan, ExplainOptions, Explainer, Target, outputs_of
 from utils import ImageEntry, LabelIndex, Preprocessing, load_rgb, prepare_image
 
 
@@ -240,17 +240,16 @@ def finish(entries: list[ImageEntry], labels: list[str], options: ExplainOptions
            settings: RunSettings, result: RunResult, dist: Distributed) -> RunResult:
     """Merge every process's rows into summary.csv and report; returns the run's totals."""
     gathered = dist.gather(result)
+    total = RunResult(*(sum(getattr(r, name) for r in gathered)
+                        for name in ("processed", "unreadable", "already_done")))
     if not dist.leader:
-        return RunResult(*(sum(getattr(r, name) for r in gathered)
-                           for name in ("processed", "unreadable", "already_done")))
+        return total
     carried = outputs.previous_rows(settings.save_dir) if result.resumed else {}
     wanted = {entry.index: entry.relative for entry in entries}
     rows = {i: row for i, row in carried.items() if wanted.get(i) == row[1]}
     for process in gathered:
         rows.update({int(row[0]): row for row in process.rows})
-    merged = list(rows.values())
-    total = RunResult(*(sum(getattr(r, name) for r in gathered)
-                        for name in ("processed", "unreadable", "already_done")), merged)
+    merged = total.rows = list(rows.values())
     plan = ClassPlan(options)
     header = outputs.summary_header(plan.ranks, settings.tags, options.metrics)
     outputs.write_summary(settings.save_dir, header, merged)

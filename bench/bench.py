@@ -16,7 +16,6 @@ median of several repeats, so machine noise hits both sides alike. Parts:
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import statistics
 import subprocess
