@@ -19,8 +19,9 @@ from torch import nn
 import outputs
 from cam_methods import METHODS
 from gradcam import explain, top_and_lowest, upsample_and_normalize
-from utils import (FigureWriter, ImageEntry, display_available, first_name, format_probability,
-                   guided_to_rgb, save_jpeg, show_figure)
+from figures import (FigureWriter, display_available, format_probability, guided_to_rgb,
+                     show_figure)
+from utils import ImageEntry, first_name
 
 TOP = 3
 
@@ -220,7 +221,7 @@ class Explainer:
             figure = self.figures.compose(shown, maps[layer], titles, entry.relative,
                                           self.heading(target),
                                           guided=None if guided is None else guided[layer])
-            save_jpeg(figure, paths[layer])
+            outputs.save_jpeg(figure, paths[layer])
             if self.show:
                 show_figure(figure, paths[layer].name)
         if raw_maps is not None:

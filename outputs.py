@@ -1,4 +1,4 @@
-"""What a run leaves in --save_dir besides the figures: summary.csv, raw maps, accuracy.
+"""What a run leaves in --save_dir: figure files, summary.csv, raw maps, accuracy.
 
 Every file is written atomically (a temporary name in the same folder, then a rename), so an
 interrupted run never leaves a truncated file. summary.csv rows are also appended, as they are
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from PIL import Image
 
 SUMMARY = "summary.csv"
 RAW_FOLDER = "raw"
@@ -145,6 +146,12 @@ def write_summary(save_dir: Path, header: list[str], rows: list[list[str]]) -> N
             writer.writerows(rows)
     for log in save_dir.glob(".summary.rank*.log.csv"):
         log.unlink()
+
+
+def save_jpeg(figure: np.ndarray, path: Path, quality: int = 90) -> None:
+    """Encode an RGB array as JPEG, atomically: a reader never sees a half-written file."""
+    with atomic_path(path) as temporary:
+        Image.fromarray(figure).save(temporary, format="JPEG", quality=quality)
 
 
 def raw_path(save_dir: Path, index: int) -> Path:
