@@ -16,10 +16,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from operator import itemgetter
 from pathlib import Path
 
 import outputs
@@ -97,11 +97,13 @@ def write_report(save_dir: Path, header: list[str], rows: list[list[str]],
 
 def page_data(header: list[str], rows: list[list[str]], info: ReportInfo,
               figure_size: tuple[int, int] | None = None) -> dict:
-    """Everything the page's script needs, as plain JSON-ready values.
+    """Everything the page's script needs, column by column, in index order.
 
     Labels are stored once in ``labels`` and referred to by position, which keeps a 50,000-row
-    page small. Each row: [index, path, folder label id (-1: none), panel label ids, panel
-    probabilities, figure names, top-1 right (1/0/-1 unknown), top-k right, metric values]."""
+    page small. ``right`` and ``right_k``: top-1 and top-k right (1), wrong (0) or unknown (-1,
+    the folder name is not a label). ``prob`` (one column per panel) and ``metric`` (one per
+    metrics column) keep summary.csv's own number strings, read by the page: parsing and
+    printing 400,000 floats here would be most of the cost of rewriting a 50,000-row report."""
     ranks = [name for name in header[_FIRST_LABEL:header.index("figures")]
              if not name.endswith("_prob")]
     top = sum(rank.startswith("top") for rank in ranks)
@@ -109,52 +111,70 @@ def page_data(header: list[str], rows: list[list[str]], info: ReportInfo,
     metric_columns = [f"{ranks[0]}_{metric}_{tag}" for tag, _ in info.layers
                       for metric in outputs.METRICS] if ranks else []
     metric_columns = [name for name in metric_columns if name in header]
-    metric_at = [header.index(name) for name in metric_columns]
+    rows = sorted(rows, key=lambda row: int(row[0]))
+
+    def column(at: int) -> list[str]:
+        try:
+            return list(map(itemgetter(at), rows))
+        except IndexError:  # a short row, from an old or hand-edited summary.csv
+            return [row[at] if at < len(row) else "" for row in rows]
 
     ids: dict[str, int] = {}
-    judge = _Judge(info.labels)
-    out_rows, per_class = [], {}
-    for row in sorted(rows, key=lambda r: int(r[0])):
-        folder = row[2]
-        panel = [row[_FIRST_LABEL + 2 * k] for k in range(len(ranks))]
-        right = judge(folder, panel[:top]) if top else None
-        out_rows.append([
-            int(row[0]), row[1], ids.setdefault(folder, len(ids)) if folder else -1,
-            [ids.setdefault(label, len(ids)) for label in panel],
-            [_number(row[_FIRST_LABEL + 2 * k + 1]) for k in range(len(ranks))],
-            [name for name in row[figures_at].split(";") if name],
-            -1 if right is None else int(right[0]), -1 if right is None else int(right[1]),
-            [_number(row[i]) if i < len(row) else None for i in metric_at]])
-        if folder:
-            per_class.setdefault(folder, []).append((right, panel[0] if top else None))
+    folders = column(2)
+    panel = [column(_FIRST_LABEL + 2 * k) for k in range(len(ranks))]
+    right, right_k, per_class = _judge(info.labels, folders, panel[:top])
     return {"info": {key: value for key, value in asdict(info).items() if key != "labels"},
-            "ranks": ranks, "top": top, "labels": list(ids), "rows": out_rows,
-            "metrics": metric_columns, "classes": _class_table(per_class),
-            "figureSize": list(figure_size) if figure_size else None}
+            "ranks": ranks, "top": top, "metrics": metric_columns,
+            "index": [int(row[0]) for row in rows], "path": column(1),
+            "folder": [ids.setdefault(f, len(ids)) if f else -1 for f in folders],
+            "panel": [[ids.setdefault(label, len(ids)) for label in labels]
+                      for labels in panel],
+            "figures": column(figures_at), "right": right, "right_k": right_k,
+            "labels": list(ids), "classes": _class_table(per_class),
+            "figure_size": list(figure_size) if figure_size else None,
+            "prob": [column(_FIRST_LABEL + 2 * k + 1) for k in range(len(ranks))],
+            "metric": [column(header.index(name)) for name in metric_columns]}
 
 
-class _Judge:
-    """Top-1 and top-k right or wrong, exactly as outputs.accuracy decides (None: the folder
-    name is not a label, so the image has no known class)."""
+class _Lookup(dict):
+    """A dict that computes a missing value once, with ``make``."""
 
-    def __init__(self, labels: list[str]) -> None:
-        self.index = LabelIndex(labels)
-        self.names: dict[str, set[str]] = {}
-        self.known: dict[str, bool] = {}
+    def __init__(self, make) -> None:
+        super().__init__()
+        self.make = make
 
-    def __call__(self, folder: str, top: list[str]) -> tuple[bool, bool] | None:
-        if folder not in self.known:
-            self.known[folder] = bool(folder) and self.index.find(folder) is not None
-        if not self.known[folder]:
-            return None
-        truth = name_key(folder)
-        hits = [truth in self._names(label) for label in top]
-        return hits[0], any(hits)
+    def __missing__(self, key):
+        value = self[key] = self.make(key)
+        return value
 
-    def _names(self, label: str) -> set[str]:
-        if label not in self.names:
-            self.names[label] = self.index.names(label)
-        return self.names[label]
+
+def _judge(labels: list[str], folders: list[str], top: list[list[str]]):
+    """Top-1 and top-k right (1), wrong (0) or unknown (-1) per image, exactly as
+    outputs.accuracy decides (the folder name against every name of the predicted labels),
+    and per folder class its (top-1, top-k, top-1 label) results."""
+    index = LabelIndex(labels)
+    truth_of = _Lookup(lambda folder: name_key(folder) if folder and
+                       index.find(folder) is not None else None)
+    names_of = _Lookup(index.names)
+    right, right_k, per_class = [], [], {}
+    for folder, *predicted in zip(folders, *top):
+        truth = truth_of[folder] if predicted else None
+        if truth is None:
+            hit_1 = hit_k = -1
+        else:
+            hits = [truth in names_of[label] for label in predicted]
+            hit_1, hit_k = int(hits[0]), int(any(hits))
+        right.append(hit_1)
+        right_k.append(hit_k)
+        if folder:
+            per_class.setdefault(folder, []).append((hit_1, hit_k,
+                                                     predicted[0] if predicted else None))
+    if not top:
+        right = right_k = [-1] * len(folders)
+        for folder in folders:
+            if folder:
+                per_class.setdefault(folder, []).append((-1, -1, None))
+    return right, right_k, per_class
 
 
 def _class_table(per_class: dict[str, list]) -> list[list]:
@@ -163,24 +183,14 @@ def _class_table(per_class: dict[str, list]) -> list[list]:
     table = []
     for name in sorted(per_class, key=lambda n: (name_key(n), n)):
         results = per_class[name]
-        known = [right for right, _ in results if right is not None]
-        wrong = Counter(top1 for right, top1 in results if right is not None and not right[0])
+        known = [(hit_1, hit_k) for hit_1, hit_k, _ in results if hit_1 != -1]
+        wrong = Counter(label for hit_1, _, label in results if hit_1 == 0)
         common = wrong.most_common(1)
         table.append([name, len(results),
-                      sum(r[0] for r in known) / len(known) if known else None,
-                      sum(r[1] for r in known) / len(known) if known else None,
+                      sum(h[0] for h in known) / len(known) if known else None,
+                      sum(h[1] for h in known) / len(known) if known else None,
                       common[0][0] if common else None, common[0][1] if common else 0])
     return table
-
-
-def _number(text: str) -> float | None:
-    """A summary.csv number; None for an empty, unreadable or non-finite one (JSON has no
-    NaN)."""
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _figure_size(save_dir: Path, rows: list[list[str]],

@@ -6,20 +6,27 @@
 
   const DATA = JSON.parse(document.getElementById("report-data").textContent);
   const INFO = DATA.info;
-  const ROWS = DATA.rows;
+  // summary.csv's number strings, read once; "nan", "inf" and empty ones become null
+  const toNumber = (text) => {
+    const value = text === "" ? NaN : Number(text);
+    return Number.isFinite(value) ? value : null;
+  };
+  const NUMBERS = { prob: DATA.prob.map((column) => column.map(toNumber)),
+    metric: DATA.metric.map((column) => column.map(toNumber)) };
+  const N = DATA.index.length;
   const PAGE_SIZE = 100;
-  // Row fields (see report.page_data).
+  // The fields of rowAt(p), the p-th image in index order (the columns: report.page_data).
   const INDEX = 0, PATH = 1, FOLDER = 2, LABELS = 3, PROBS = 4, FIGURES = 5, RIGHT = 6,
     RIGHT_K = 7, METRICS = 8;
   const DEFAULTS = { filter: "all", class: "", by: "any", q: "", sort: "index", page: "1" };
   const FILTERS = ["all", "correct", "wrong"];
   const BYS = { any: "true or predicted", true: "true (folder)", predicted: "predicted (top-1)" };
-  const JUDGED = ROWS.some((row) => row[RIGHT] !== -1);
+  const JUDGED = DATA.right.some((right) => right !== -1);
   const IS_TOP = DATA.top > 0;
   const SORTS = makeSorts();
 
   let state = readHash();
-  let view = [];           // positions in ROWS, in the current filter and sort
+  let view = [];           // positions (0..N-1) in the current filter and sort
   let viewKey = null;
   const sortedCache = {};
   let viewer = null;       // { pos, layer } while the viewer is open
@@ -32,6 +39,12 @@
     if (className) node.className = className;
     if (text !== undefined && text !== null) node.textContent = String(text);
     return node;
+  }
+
+  function rowAt(p) {
+    return [DATA.index[p], DATA.path[p], DATA.folder[p], DATA.panel.map((column) => column[p]),
+      NUMBERS.prob.map((column) => column[p]), DATA.figures[p].split(";").filter(Boolean),
+      DATA.right[p], DATA.right_k[p], NUMBERS.metric.map((column) => column[p])];
   }
 
   function nameKey(text) {
@@ -68,14 +81,15 @@
   // ------------------------------------------------------------------ state in the URL hash
 
   function makeSorts() {
-    const sorts = { index: { label: "index", key: (row) => row[INDEX], desc: false },
-      "index-desc": { label: "index, last first", key: (row) => row[INDEX], desc: true } };
+    const index = DATA.index;
+    const sorts = { index: { label: "index", key: (p) => index[p], desc: false },
+      "index-desc": { label: "index, last first", key: (p) => index[p], desc: true } };
     const prob = IS_TOP ? "top-1 probability" : (DATA.ranks[0] || "first panel") + " probability";
-    sorts["prob-asc"] = { label: prob + ", lowest first", key: (row) => row[PROBS][0], desc: false };
-    sorts["prob-desc"] = { label: prob + ", highest first", key: (row) => row[PROBS][0], desc: true };
+    sorts["prob-asc"] = { label: prob + ", lowest first", key: (p) => NUMBERS.prob[0][p], desc: false };
+    sorts["prob-desc"] = { label: prob + ", highest first", key: (p) => NUMBERS.prob[0][p], desc: true };
     DATA.metrics.forEach((column, k) => {
-      sorts[column + "-asc"] = { label: column + ", lowest first", key: (row) => row[METRICS][k], desc: false };
-      sorts[column + "-desc"] = { label: column + ", highest first", key: (row) => row[METRICS][k], desc: true };
+      sorts[column + "-asc"] = { label: column + ", lowest first", key: (p) => NUMBERS.metric[k][p], desc: false };
+      sorts[column + "-desc"] = { label: column + ", highest first", key: (p) => NUMBERS.metric[k][p], desc: true };
     });
     return sorts;
   }
@@ -124,16 +138,15 @@
   function sortedPositions(sortName) {
     if (!sortedCache[sortName]) {
       const sort = SORTS[sortName];
-      const positions = ROWS.map((row, i) => i);
-      const keys = ROWS.map(sort.key);
+      const positions = DATA.index.map((value, p) => p);
+      const keys = positions.map(sort.key);
+      const index = DATA.index;
       positions.sort((a, b) => {
         const ka = keys[a], kb = keys[b];
-        if (ka === null || ka === undefined || kb === null || kb === undefined) {
-          if (ka === kb || (ka == null && kb == null)) return ROWS[a][INDEX] - ROWS[b][INDEX];
-          return ka == null ? 1 : -1;  // missing values last, either way
-        }
-        if (ka !== kb) return sort.desc ? kb - ka : ka - kb;
-        return ROWS[a][INDEX] - ROWS[b][INDEX];
+        const missingA = ka === null || ka === undefined, missingB = kb === null || kb === undefined;
+        if (missingA !== missingB) return missingA ? 1 : -1;  // missing values last, either way
+        if (!missingA && ka !== kb) return sort.desc ? kb - ka : ka - kb;
+        return index[a] - index[b];
       });
       sortedCache[sortName] = positions;
     }
@@ -160,14 +173,13 @@
     if (key === viewKey) return;
     const ids = classIds(state.class);
     const query = state.q.trim().toLowerCase();
-    if (query && !lowerPaths) lowerPaths = ROWS.map((row) => row[PATH].toLowerCase());
+    if (query && !lowerPaths) lowerPaths = DATA.path.map((path) => path.toLowerCase());
     const want = state.filter === "correct" ? 1 : state.filter === "wrong" ? 0 : null;
     const byTrue = state.by !== "predicted", byPredicted = state.by !== "true" && IS_TOP;
     view = sortedPositions(state.sort).filter((i) => {
-      const row = ROWS[i];
-      if (want !== null && row[RIGHT] !== want) return false;
-      if (ids && !((byTrue && ids.has(row[FOLDER])) ||
-                   (byPredicted && ids.has(row[LABELS][0])))) return false;
+      if (want !== null && DATA.right[i] !== want) return false;
+      if (ids && !((byTrue && ids.has(DATA.folder[i])) ||
+                   (byPredicted && ids.has(DATA.panel[0][i])))) return false;
       return !query || lowerPaths[i].includes(query);
     });
     viewKey = key;
@@ -179,7 +191,7 @@
     const header = el("header");
     header.appendChild(el("h1", null, "Grad-CAM report"));
     if (!INFO.finished) {
-      header.appendChild(el("p", "notice", "The run is still going: " + ROWS.length + " of " +
+      header.appendChild(el("p", "notice", "The run is still going: " + N + " of " +
         INFO.n_images + " images so far. Reload the page to see more."));
     }
     const list = el("dl", "settings");
@@ -193,8 +205,7 @@
     add("model", INFO.model);
     add("layers", INFO.layers.map((layer, i) => layerCaption(i)).join("; "));
     add("method", INFO.method);
-    add("images", ROWS.length === INFO.n_images ? String(ROWS.length)
-      : ROWS.length + " explained of " + INFO.n_images);
+    add("images", N === INFO.n_images ? String(N) : N + " explained of " + INFO.n_images);
     add("skipped", skippedList());
     let accuracy;
     if (INFO.accuracy) {
@@ -322,7 +333,7 @@
     const datalist = el("datalist");
     datalist.id = "class-names";
     const suggestions = new Set(DATA.classes.map((row) => row[0]));
-    for (const row of ROWS) if (row[LABELS].length && IS_TOP) suggestions.add(DATA.labels[row[LABELS][0]]);
+    if (IS_TOP) for (const id of new Set(DATA.panel[0])) suggestions.add(DATA.labels[id]);
     for (const name of Array.from(suggestions).sort()) {
       const option = el("option");
       option.value = name;
@@ -411,9 +422,9 @@
       image.loading = "lazy";
       image.decoding = "async";
       image.alt = "figure for " + row[PATH] + (row[FIGURES].length > 1 ? ", " + layerCaption(layer) : "");
-      if (DATA.figureSize) {
-        image.width = DATA.figureSize[0];
-        image.height = DATA.figureSize[1];
+      if (DATA.figure_size) {
+        image.width = DATA.figure_size[0];
+        image.height = DATA.figure_size[1];
       }
       image.src = link.href;
       link.appendChild(image);
@@ -520,7 +531,7 @@
   }
 
   function showInViewer() {
-    const row = ROWS[view[viewer.pos]];
+    const row = rowAt(view[viewer.pos]);
     const figures = row[FIGURES];
     const layer = Math.min(viewer.layer, figures.length - 1);
     const url = figureUrl(figures[layer]);
@@ -578,7 +589,7 @@
   }
 
   function changeLayer(delta) {
-    const count = ROWS[view[viewer.pos]][FIGURES].length;
+    const count = rowAt(view[viewer.pos])[FIGURES].length;
     const layer = Math.min(count - 1, Math.max(0, viewer.layer + delta));
     if (layer !== viewer.layer) {
       viewer.layer = layer;
@@ -603,7 +614,7 @@
     const start = (page - 1) * PAGE_SIZE;
     const end = Math.min(view.length, start + PAGE_SIZE);
     const fragment = document.createDocumentFragment();
-    for (let pos = start; pos < end; pos++) fragment.appendChild(entryElement(ROWS[view[pos]], pos));
+    for (let pos = start; pos < end; pos++) fragment.appendChild(entryElement(rowAt(view[pos]), pos));
     nodes.list.replaceChildren(fragment);
     if (!view.length) nodes.list.appendChild(el("p", "empty", "No image matches this view."));
     for (const pager of [nodes.pagerTop, nodes.pagerBottom]) {
@@ -622,7 +633,7 @@
     if (state.filter !== "all") parts.push(state.filter);
     if (state.class.trim()) parts.push("class \u201c" + state.class.trim() + "\u201d (" + BYS[state.by] + ")");
     if (state.q.trim()) parts.push("path contains \u201c" + state.q.trim() + "\u201d");
-    nodes.count.textContent = view.length + " of " + ROWS.length + " images" +
+    nodes.count.textContent = view.length + " of " + N + " images" +
       (parts.length ? ": " + parts.join(", ") : "") + ", sorted by " + SORTS[state.sort].label;
     renderList();
     if (viewer) closeViewer();

@@ -156,8 +156,7 @@ def test_right_and_wrong_agree_with_the_printed_accuracy():
             row(3, "tiger cat", ["Egyptian cat", "crane", "tabby, tabby cat"])]
     info = report.ReportInfo("m", [("layer1", "conv")], "gradcam", 4, labels)
     data = report.page_data(header, rows, info)
-    right = [r[6] for r in data["rows"]]
-    right_k = [r[7] for r in data["rows"]]
+    right, right_k = data["right"], data["right_k"]
     assert right == [1, 0, 1, 0] and right_k == [1, 1, 1, 0]
     top1, top3 = outputs.accuracy(rows, labels, 3)
     assert sum(right) / 4 == top1 and sum(right_k) / 4 == top3
@@ -166,19 +165,17 @@ def test_right_and_wrong_agree_with_the_printed_accuracy():
     assert by_class["tiger cat"][1:] == [1, 0.0, 0.0, "Egyptian cat", 1]
 
 
-def test_missing_numbers_become_null_and_unknown_folders_are_not_judged():
+def test_unknown_folders_are_not_judged_and_metrics_columns_are_found():
     header = outputs.summary_header(["top1", "top2", "top3", "lowest"], ["layer1"], True)
     row = (["0", "x.jpg", "", "cat", "nan", "dog", "0.2", "cow", "0.1", "ant", "0.0",
             "image0.jpg"] + ["1"] * 4 + ["nan", "inf", "0.5", "1"] * 4)
     info = report.ReportInfo("m", [("layer1", "conv")], "gradcam", 1,
                              ["cat", "dog", "cow", "ant"], metrics=True)
     data = report.page_data(header, [row], info)
-    (out,) = data["rows"]
-    assert out[2] == -1 and out[6] == -1 and out[7] == -1
-    assert out[4][0] is None and out[8] == [None, None, 0.5, 1.0]
+    assert data["folder"] == [-1] and data["right"] == [-1] and data["right_k"] == [-1]
     assert data["metrics"] == ["top1_deletion_layer1", "top1_insertion_layer1",
                                "top1_drop_layer1", "top1_increase_layer1"]
-    report.embed_json(data)  # no NaN left to break JSON.parse
+    assert data["metric"] == [["nan"], ["inf"], ["0.5"], ["1"]] and data["classes"] == []
 
 
 def test_no_report_flag(tmp_path):
