@@ -70,8 +70,9 @@ def run_info(signature: dict, labels: list[str], n_images: int,
              "labels": labels_path or ("ImageNet (bundled)" if imagenet else "default names"),
              "classes": ", ".join(labels[c] for c in options.get("classes") or ())
              or "top-3 and lowest",
-             "true class panel": "yes" if options.get("true_class") else "no",
              "scale": "shared" if options.get("shared_scale") else "per-map"}
+    if options.get("true_class"):
+        shown["true class panel"] = "yes"
     return ReportInfo(model=model, layers=[tuple(t) for t in signature.get("targets", [])],
                       method=method, n_images=n_images, labels=labels, skipped=list(skipped),
                       accuracy=accuracy, metrics=bool(options.get("metrics")),

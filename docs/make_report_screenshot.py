@@ -10,6 +10,7 @@ screenshot of the top of the page.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -30,8 +31,9 @@ def main() -> int:
     import main as tool
     from playwright.sync_api import sync_playwright
 
+    os.chdir(ROOT)  # so the page shows the images folder as "data"
     with tempfile.TemporaryDirectory() as folder:
-        code = tool.main(["--images_path", str(ROOT / "data"), "--n_images", "all",
+        code = tool.main(["--images_path", "data", "--n_images", "all",
                           "--save_dir", folder, "--device", "cpu", "--quiet"])
         if code != 0:
             print(f"the run failed with exit code {code}", file=sys.stderr)
