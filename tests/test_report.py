@@ -342,3 +342,61 @@ def test_hostile_file_names_and_labels_show_as_text_and_never_run(tmp_path, open
     page.click("#entries a.thumb")
     page.keyboard.press("Escape")
     assert page.evaluate("window.pwned") is None
+
+
+def synthetic_report(save_dir: Path, n: int, finished: bool = True) -> list[list[str]]:
+    """A --metrics report of ``n`` made-up rows whose figures are all one small JPEG; some
+    deletion AUCs are missing (nan)."""
+    from PIL import Image
+    Image.new("RGB", (40, 10), (90, 90, 90)).save(save_dir / "figure.jpg")
+    labels = ["cat", "dog", "cow", "ant"]
+    header = outputs.summary_header(["top1", "top2", "top3", "lowest"], ["layer1"], True)
+    rows = []
+    for i in range(n):
+        probability = ((i * 37) % 101) / 101
+        deletion = "nan" if i % 7 == 0 else f"{((i * 13) % 29) / 29:.6g}"
+        rows.append(outputs.summary_row(i, f"{labels[i % 2]}/{i}.jpg", labels[i % 2],
+                                        [labels[1 if i % 4 == 0 else 0], "cow", "ant", "dog"],
+                                        [probability, 0.1, 0.05, 0.01], ["figure.jpg"],
+                                        ["1"] * 4 + [deletion, "0.5", "1", "0"]))
+    info = report.ReportInfo("made up", [("layer1", "conv")], "gradcam", n + 5, labels,
+                             metrics=True, accuracy=outputs.accuracy(rows, labels, 3),
+                             finished=finished)
+    report.write_report(save_dir, header, rows, info)
+    return rows
+
+
+def test_paging_reaches_every_match_and_the_viewer_crosses_pages(tmp_path, open_report):
+    rows = synthetic_report(tmp_path, 250, finished=False)
+    opened = open_report(tmp_path)
+    page = opened.page
+    assert opened.count() == 250 and opened.indices() == list(range(100))
+    assert page.evaluate("document.querySelectorAll('#entries img').length") == 100  # one page
+    assert "still going: 250 of 255" in page.text_content("header")
+    page.click("#pager button[data-delta='1']")
+    assert opened.indices() == list(range(100, 200)) and "page=2" in page.evaluate("location.hash")
+    opened.go("page=3")
+    assert opened.indices() == list(range(200, 250))
+    opened.go("page=99")  # past the end: the last page
+    assert opened.indices() == list(range(200, 250))
+
+    by_probability = sorted(range(250), key=lambda i: (-float(rows[i][4]), i))
+    opened.go("sort=prob-desc&page=2")
+    assert opened.indices() == by_probability[100:200]
+    page.click(f'#entries [data-index="{by_probability[199]}"] a.thumb')
+    page.keyboard.press("ArrowRight")
+    assert int(page.get_attribute("#viewer", "data-viewing")) == by_probability[200]
+    assert "page=3" in page.evaluate("location.hash")
+    page.keyboard.press("Escape")
+    assert opened.indices() == by_probability[200:]
+
+    wrong = [i for i, row in enumerate(rows) if row[3] != row[2]]
+    opened.go("filter=wrong&sort=top1_deletion_layer1-asc")
+    def deletion(i: int) -> float:
+        value = float(rows[i][-4])
+        return value if value == value else float("inf")  # missing ones last
+    expected = sorted(wrong, key=lambda i: (deletion(i), i))
+    assert opened.count() == len(wrong) == 188
+    assert opened.indices() == expected[:100]
+    page.click("#pager button[data-delta='last']")
+    assert opened.indices() == expected[100 * ((len(wrong) - 1) // 100):]
