@@ -83,9 +83,10 @@ def write_report(save_dir: Path, header: list[str], rows: list[list[str]],
                  info: ReportInfo) -> Path:
     """Write save_dir/report.html atomically from summary.csv's header and rows.
 
-    Cheap enough to call again every 30-60 s while a long run goes on, so the page fills in:
-    it reads nothing but the first figure's size, and 50,000 rows take well under a second.
-    A reader never sees a half-written page."""
+    Cheap enough to call again every 30-60 s while a long run goes on, so the page fills in
+    (pass ``info.finished=False`` then, and the page says so): it reads no file but the first
+    figure's header, and 50,000 rows take about half a second of CPU time
+    (bench/bench_report.py). A reader never sees a half-written page."""
     data = page_data(header, rows, info, _figure_size(save_dir, rows, header))
     html = _page(data, info)
     path = Path(save_dir) / REPORT
