@@ -183,6 +183,24 @@ def test_no_report_flag(tmp_path):
     assert (tmp_path / "summary.csv").exists() and not (tmp_path / "report.html").exists()
 
 
+def embedded_data(save_dir: Path) -> dict:
+    html = (save_dir / "report.html").read_text(encoding="utf-8")
+    found = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', html,
+                      re.S)
+    return json.loads(found.group(1))
+
+
+def test_a_resumed_run_reports_every_image(tmp_path):
+    assert run_tool(tmp_path, "--n_images", "2") == 0
+    assert embedded_data(tmp_path)["index"] == [0, 1]
+    assert run_tool(tmp_path, "--skip_existing") == 0
+    data = embedded_data(tmp_path)
+    rows = read_summary(tmp_path)
+    assert data["index"] == [int(r["index"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert data["path"] == [r["path"] for r in rows]
+    assert data["prob"][0] == [r["top1_prob"] for r in rows]
+
+
 # ----------------------------------------------------------------------------- in the browser
 
 def test_entries_and_count_match_the_summary(data_run, open_report, capsys):
