@@ -65,6 +65,9 @@ class Page:
         return self.page.eval_on_selector_all(
             "#entries [data-index]", "els => els.map(e => Number(e.dataset.index))")
 
+    def texts(self, selector: str) -> list[str]:
+        return self.page.eval_on_selector_all(selector, "els => els.map(e => e.textContent)")
+
     def count(self) -> int:
         return int(re.match(r"\d+", self.page.text_content("#count")).group())
 
@@ -209,16 +212,17 @@ def test_entries_and_count_match_the_summary(data_run, open_report, capsys):
     assert opened.count() == len(rows) == 5
     assert opened.indices() == [int(r["index"]) for r in rows]
     page = opened.page
-    paths = page.eval_on_selector_all("#entries .entry .title .path", "els => els.map(e => e.textContent)")
+    paths = opened.texts("#entries .entry .title .path")
     assert paths == [r["path"] for r in rows]
-    top1 = page.eval_on_selector_all("#entries .top1 .label", "els => els.map(e => e.textContent)")
+    top1 = opened.texts("#entries .top1 .label")
     assert top1 == [r["top1"] for r in rows]
-    probabilities = page.eval_on_selector_all("#entries .top1 .prob", "els => els.map(e => e.textContent.trim())")
+    probabilities = [text.strip() for text in opened.texts("#entries .top1 .prob")]
     assert probabilities == [f"{100 * float(r['top1_prob']):.1f}%" for r in rows]
     right = sum(is_right(r["folder_label"], r["top1"]) for r in rows)
     in_top3 = sum(any(is_right(r["folder_label"], r[f"top{k}"]) for k in (1, 2, 3)) for r in rows)
     accuracy = page.text_content("#accuracy")
-    assert f"top-1 {100 * right / 5:.1f}%" in accuracy and f"top-3 {100 * in_top3 / 5:.1f}%" in accuracy
+    assert f"top-1 {100 * right / 5:.1f}%" in accuracy
+    assert f"top-3 {100 * in_top3 / 5:.1f}%" in accuracy
     # every thumbnail loads from its relative link, though the folder name has # ? % and 名
     loaded = page.wait_for_function(
         "() => { const images = Array.from(document.querySelectorAll('#entries img'));"
@@ -233,7 +237,7 @@ def test_wrong_and_correct_filters_list_exactly_those_images(data_run, open_repo
     assert wrong and len(wrong) < len(rows)  # the data has both kinds
     opened = open_report(data_run, "filter=wrong")
     assert opened.indices() == wrong and opened.count() == len(wrong)
-    assert opened.page.eval_on_selector_all("#entries .entry", "els => els.every(e => e.querySelector('.mark.bad'))")
+    assert len(opened.texts("#entries .entry .mark.bad")) == len(wrong)
     opened.go("filter=correct")
     assert opened.indices() == [int(r["index"]) for r in rows if int(r["index"]) not in wrong]
     opened.page.click("#filter-all")
@@ -263,7 +267,8 @@ def test_class_filters_typed_and_from_the_class_table(data_run, open_report):
     assert "class=Tabby" in opened.page.evaluate("location.hash")
     opened.page.click('#classes button[data-class="missile"]')
     assert opened.indices() == [int(r["index"]) for r in rows if r["folder_label"] == "missile"]
-    suggestions = opened.page.eval_on_selector_all("#class-names option", "els => els.map(e => e.value)")
+    suggestions = opened.page.eval_on_selector_all("#class-names option",
+                                                   "els => els.map(e => e.value)")
     assert {r["folder_label"] for r in rows} | {r["top1"] for r in rows} == set(suggestions)
 
 
@@ -299,11 +304,12 @@ def test_two_layer_run_shows_each_layers_figure(two_layer_run, open_report):
     opened = open_report(two_layer_run)
     page = opened.page
     assert opened.indices() == [int(r["index"]) for r in rows]
-    links = page.eval_on_selector_all("#entries .entry", "els => els.map(e => Array.from("
-                                      "e.querySelectorAll('a.thumb')).map(a => a.getAttribute('href')))")
+    links = page.eval_on_selector_all(
+        "#entries .entry", "els => els.map(e => Array.from(e.querySelectorAll('a.thumb'))"
+                           ".map(a => a.getAttribute('href')))")
     assert links == [r["figures"].split(";") for r in rows]
     assert links[0] == ["image0_layer1.jpg", "image0_layer2.jpg"]
-    captions = page.eval_on_selector_all("#entries .entry:first-child figcaption", "els => els.map(e => e.textContent)")
+    captions = opened.texts("#entries .entry:first-child figcaption")
     assert [c.split(" ")[0] for c in captions] == ["layer1", "layer2"]
     page.click('#entries [data-index="0"] a.thumb[data-layer="1"]')
     assert page.evaluate("document.querySelector('#viewer-img').src").endswith("/image0_layer2.jpg")
@@ -320,11 +326,12 @@ def test_classes_run_has_panels_but_no_right_or_wrong(tmp_path, open_report):
     assert opened.indices() == [0, 1]
     assert "--classes" in page.text_content("#accuracy")
     assert page.is_disabled("#filter-wrong") and page.query_selector(".mark") is None
-    labels = page.eval_on_selector_all("#entries .entry:first-child .panels .label", "els => els.map(e => e.textContent)")
+    labels = opened.texts("#entries .entry:first-child .panels .label")
     rows = read_summary(tmp_path)
     assert labels == [rows[0]["class1"], rows[0]["class2"]] == ["tabby", "tripod"]
     opened.go("sort=prob-desc")
-    assert opened.indices() == [int(r["index"]) for r in sorted(rows, key=lambda r: -float(r["class1_prob"]))]
+    by_probability = sorted(rows, key=lambda r: -float(r["class1_prob"]))
+    assert opened.indices() == [int(r["index"]) for r in by_probability]
 
 
 @pytest.mark.filterwarnings("ignore:Glyph")  # the figure titles' font has no CJK glyphs
@@ -349,10 +356,10 @@ def test_hostile_file_names_and_labels_show_as_text_and_never_run(tmp_path, open
     assert page.evaluate("window.pwned") is None
     assert page.eval_on_selector_all("img", "els => els.every(e => e.getAttribute('src') !== 'x')")
     assert not page.query_selector_all("main i, main s, main script, header img, header b")
-    paths = page.eval_on_selector_all("#entries .title .path", "els => els.map(e => e.textContent)")
+    paths = opened.texts("#entries .title .path")
     assert paths == [r["path"] for r in rows]
     assert f"tabby/{HOSTILE_FILE}" in paths and f"{HOSTILE_FOLDER}/a #?%'b 名.png" in paths
-    shown_labels = set(page.eval_on_selector_all("#entries .label", "els => els.map(e => e.textContent)"))
+    shown_labels = set(opened.texts("#entries .label"))
     assert {labels[281], labels[282], HOSTILE_FOLDER} <= shown_labels
     assert page.text_content("#skipped") .count(f"tabby/{HOSTILE_BROKEN}") == 1
     opened.go("q=" + quote(HOSTILE_FILE[:10]))  # the hash carries it as text too
