@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import outputs
+import report
 from explainer import ClassPlan, ExplainOptions, Explainer, Target, outputs_of
 from utils import ImageEntry, LabelIndex, Preprocessing, load_rgb, prepare_image
 
@@ -35,6 +36,7 @@ class RunSettings:
     save_raw: bool = False
     skip_existing: bool = False
     signature: dict = field(default_factory=dict)
+    report: bool = True
 
 
 @dataclass
@@ -261,6 +263,10 @@ def finish(entries: list[ImageEntry], labels: list[str], options: ExplainOptions
     if scores is not None:
         print(f"accuracy over {len(merged)} images whose folder names are labels: "
               f"top-1 {scores[0]:.1%}, top-{plan.top} {scores[1]:.1%}")
+    if settings.report:
+        skipped = [(e.relative, "not a readable image") for e in entries if e.index not in rows]
+        report.write_report(settings.save_dir, header, merged, report.run_info(
+            settings.signature, labels, len(entries), skipped, scores))
     done = f", {total.already_done} already done" if total.already_done else ""
     print(f"processed {total.processed} image(s), skipped {total.unreadable}{done}; "
           f"figures in {settings.save_dir}")

@@ -137,6 +137,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics", action="store_true",
                         help="measure each map's faithfulness (deletion/insertion AUC, average "
                              "drop, increase in confidence) into summary.csv")
+    parser.add_argument("--no_report", action="store_true",
+                        help="do not write save_dir/report.html (the page to browse the run)")
     return parser
 
 
@@ -345,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
         n_selected=len(entries), batch_size=batch_size,
         workers=default_workers() if args.workers is None else args.workers,
         show=args.show, quiet=args.quiet, save_raw=args.save_raw,
-        skip_existing=args.skip_existing,
+        skip_existing=args.skip_existing, report=not args.no_report,
         signature=run_signature(args, targets, options, len(entries)))
     dist.start(device)
     try:
