@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import pickle
+import re
 import sys
 import zipfile
 from collections.abc import Mapping
@@ -284,16 +285,19 @@ def _load_legacy_file(path: Path, trust_model: bool):
     try:
         with torch.serialization.safe_globals(list(allowed.values()) + [functools.partial]):
             loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-        return _checked_partials(loaded, allowed, path, trust_model)
     except pickle.UnpicklingError as error:
         if not trust_model:
-            raise ModelError(f"--model_path {path} needs classes outside torch.nn and "
-                             f"torchvision ({str(error).splitlines()[0][:160]}), and unpickling "
-                             f"them runs code from the file; if you trust the file, add "
-                             f"--trust_model") from None
+            named = re.search(r"GLOBAL ([\w.]+)", str(error))
+            what = f"the class {named.group(1)}" if named else (
+                f"classes outside torch.nn and torchvision "
+                f"({str(error).splitlines()[0][:160]})")
+            raise ModelError(f"--model_path {path} needs {what}, and unpickling it runs code "
+                             f"from the file; if you trust the file, add --trust_model") from None
     except Exception as error:  # a damaged or foreign pickle can fail in many ways
         raise ModelError(f"--model_path {path}: not a file written by torch.save() "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
+    else:
+        return _checked_partials(loaded, allowed, path, trust_model)
     try:
         return _torch_load(path, weights_only=False)
     except (ModuleNotFoundError, AttributeError) as error:
