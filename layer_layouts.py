@@ -38,7 +38,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["Layout", "LayoutTracer", "channels_first_by_type", "MAX_SPECIAL_TOKENS"]
+__all__ = ["Layout", "LayoutTracer", "channels_first_by_type", "MAX_SPECIAL_TOKENS",
+           "is_patch_embedding", "transformer_default", "explainable_near"]
 
 MAX_SPECIAL_TOKENS = 4
 CHANNELS_FIRST, CHANNELS_LAST, TOKENS = "channels-first", "channels-last", "tokens"
@@ -253,3 +254,53 @@ class LayoutTracer:
         if entry is None or entry[0]() is not tensor:
             return None
         return entry[1]
+
+
+# ----------------------------------------------------------------------------- default layer
+# These work on the layers of ``gradcam.layers_in_run_order`` (name, module, is_conv, layout).
+
+def is_patch_embedding(layers: list, conv) -> bool:
+    """A Conv2d that cuts the image into patches (kernel = stride) and feeds transformer
+    blocks: layers with token or channels-last outputs run after it."""
+    module = conv.module
+    if tuple(module.kernel_size) != tuple(module.stride):
+        return False
+    after = layers[[layer.name for layer in layers].index(conv.name) + 1:]
+    return any(layer.layout is not None and layer.layout.kind in ("tokens", "channels-last")
+               for layer in after)
+
+
+def transformer_default(layers: list):
+    """The layer a transformer is explained at by default, or None for other models.
+
+    Only when the last Conv2d is a patch embedding. ViT-style models (tokens with a class
+    token): the first LayerNorm of the last block. At the last block's output only the class
+    token reaches the head, so the patch tokens' gradients there are all zero; the last
+    block's first norm feeds its attention, where the class token reads every patch token.
+    Models whose head pools the whole grid (Swin): the last normalised grid before the head.
+    """
+    convs = [layer for layer in layers if layer.is_conv]
+    if not convs or not is_patch_embedding(layers, convs[-1]):
+        return None
+    after = layers[[layer.name for layer in layers].index(convs[-1].name) + 1:]
+    with_class_token = [layer for layer in after if layer.layout is not None
+                        and layer.layout.kind == "tokens" and layer.layout.special > 0]
+    if with_class_token:
+        norms: dict[str, list] = {}
+        for layer in with_class_token:
+            if isinstance(layer.module, nn.LayerNorm):
+                norms.setdefault(layer.name.rpartition(".")[0], []).append(layer)
+        blocks = [group for group in norms.values() if len(group) >= 2]  # norm1 + norm2
+        return blocks[-1][0] if blocks else None
+    grids = [layer for layer in after if layer.layout is not None
+             and layer.layout.grid[0] * layer.layout.grid[1] > 1]
+    normed = [layer for layer in grids if isinstance(layer.module, nn.LayerNorm)]
+    return (normed or grids or [None])[-1]
+
+
+def explainable_near(layers: list, layer, count: int = 3) -> list[str]:
+    """Names of up to ``count`` explainable layers nearest to ``layer`` in run order."""
+    position = layers.index(layer)
+    ranked = sorted((abs(i - position), i) for i, other in enumerate(layers)
+                    if other.layout is not None)
+    return [layers[i].name for _, i in sorted(ranked[:count], key=lambda pair: pair[1])]

@@ -227,6 +227,7 @@ def pick_targets(layers: list, backcounts: list[int], names: list[str] | None,
     Without --conv2d_backcount, a transformer whose last Conv2d is its patch embedding is
     explained at ``transformer_default`` instead."""
     from explainer import Target
+    from layer_layouts import explainable_near, is_patch_embedding, transformer_default
     if names:
         by_name = {layer.name: layer for layer in layers}
         targets = []
@@ -241,7 +242,7 @@ def pick_targets(layers: list, backcounts: list[int], names: list[str] | None,
                 raise UsageError(f"--layer {name}: cannot tell which axes of its output "
                                  f"{by_name[name].output_shape} are channels and which the "
                                  f"image grid, so it is not explained; layers that can be: "
-                                 f"{', '.join(_explainable_near(layers, by_name[name]))} "
+                                 f"{', '.join(explainable_near(layers, by_name[name]))} "
                                  f"(--list_layers shows each layer's grid)")
             targets.append(Target(f"layer-{name}", name, by_name[name].module))
         return targets
@@ -282,54 +283,6 @@ def _default_target(layer):
             return f"{self.name} (default layer for this transformer)"
 
     return DefaultTarget(f"layer-{layer.name}", layer.name, layer.module)
-
-
-def is_patch_embedding(layers: list, conv) -> bool:
-    """A Conv2d that cuts the image into patches (kernel = stride) and feeds transformer
-    blocks: layers with token or channels-last outputs run after it."""
-    module = conv.module
-    if tuple(module.kernel_size) != tuple(module.stride):
-        return False
-    after = layers[[layer.name for layer in layers].index(conv.name) + 1:]
-    return any(layer.layout is not None and layer.layout.kind in ("tokens", "channels-last")
-               for layer in after)
-
-
-def transformer_default(layers: list):
-    """The layer a transformer is explained at by default, or None for other models.
-
-    Only when the last Conv2d is a patch embedding. ViT-style models (tokens with a class
-    token): the first LayerNorm of the last block. At the last block's output only the class
-    token reaches the head, so the patch tokens' gradients there are all zero; the last
-    block's first norm feeds its attention, where the class token reads every patch token.
-    Models whose head pools the whole grid (Swin): the last normalised grid before the head.
-    """
-    from torch import nn
-    convs = [layer for layer in layers if layer.is_conv]
-    if not convs or not is_patch_embedding(layers, convs[-1]):
-        return None
-    after = layers[[layer.name for layer in layers].index(convs[-1].name) + 1:]
-    with_class_token = [layer for layer in after if layer.layout is not None
-                        and layer.layout.kind == "tokens" and layer.layout.special > 0]
-    if with_class_token:
-        norms: dict[str, list] = {}
-        for layer in with_class_token:
-            if isinstance(layer.module, nn.LayerNorm):
-                norms.setdefault(layer.name.rpartition(".")[0], []).append(layer)
-        blocks = [group for group in norms.values() if len(group) >= 2]  # norm1 + norm2
-        return blocks[-1][0] if blocks else None
-    grids = [layer for layer in after if layer.layout is not None
-             and layer.layout.grid[0] * layer.layout.grid[1] > 1]
-    normed = [layer for layer in grids if isinstance(layer.module, nn.LayerNorm)]
-    return (normed or grids or [None])[-1]
-
-
-def _explainable_near(layers: list, layer, count: int = 3) -> list[str]:
-    """Names of up to ``count`` explainable layers nearest to ``layer`` in run order."""
-    position = layers.index(layer)
-    ranked = sorted((abs(i - position), i) for i, other in enumerate(layers)
-                    if other.layout is not None)
-    return [layers[i].name for _, i in sorted(ranked[:count], key=lambda pair: pair[1])]
 
 
 def print_layers(layers: list, default=None) -> None:
@@ -472,6 +425,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list_layers:
         if not layers:
             raise UsageError("the model has no layer with a 4-D output to explain")
+        from layer_layouts import transformer_default
         print_layers(layers, transformer_default(layers))
         return 0
     targets = pick_targets(layers, args.conv2d_backcount, args.layer, args.backcount_given)

@@ -22,7 +22,7 @@ from torch import nn
 
 import main
 from gradcam import explain, layers_in_run_order, top_and_lowest
-from layer_layouts import Layout
+from layer_layouts import Layout, transformer_default
 
 RTOL = 1e-5
 
@@ -134,7 +134,7 @@ def layer_named(layers: list, name: str):
 def test_vit_default_layer_is_the_last_blocks_first_norm(vit_b_16: nn.Module,
                                                          image: torch.Tensor) -> None:
     layers, _ = layers_in_run_order(vit_b_16, image)
-    default = main.transformer_default(layers)
+    default = transformer_default(layers)
     assert default.name == "encoder.layers.encoder_layer_11.ln_1"
     assert default.layout == Layout("tokens", (14, 14), 768, 1)
     assert layer_named(layers, "conv_proj").layout.kind == "channels-first"
@@ -172,7 +172,7 @@ def test_vit_final_norm_has_no_patch_gradient(vit_b_16: nn.Module, image: torch.
 
 def test_swin_default_and_layouts(swin_t: nn.Module, image: torch.Tensor) -> None:
     layers, _ = layers_in_run_order(swin_t, image)
-    default = main.transformer_default(layers)
+    default = transformer_default(layers)
     assert default.name == "norm"
     assert default.layout == Layout("channels-last", (7, 7), 768)
     assert layer_named(layers, "features.5").layout == Layout("channels-last", (14, 14), 384)
@@ -281,7 +281,7 @@ def test_attention_weights_are_not_a_grid() -> None:
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5).eval()
     layers, _ = layers_in_run_order(model, torch.zeros(1, 3, 224, 224))
     assert layer_named(layers, "blocks.0.attn.q_norm").layout is None
-    assert main.transformer_default(layers).name == "blocks.11.norm1"
+    assert transformer_default(layers).name == "blocks.11.norm1"
 
 
 # ----------------------------------------------------------------------------- command line
@@ -347,7 +347,7 @@ def test_cnn_default_is_unchanged(tmp_path: Path) -> None:
     """A CNN's last conv is no patch embedding: the default stays backcount 1."""
     model = torchvision.models.resnet18(weights=None).eval()
     layers, _ = layers_in_run_order(model, torch.zeros(1, 3, 64, 64))
-    assert main.transformer_default(layers) is None
+    assert transformer_default(layers) is None
     (target,) = main.pick_targets(layers, [1], None, backcount_given=False)
     assert target.name == "layer4.1.conv2" and target.backcount == 1
     assert all(layer.layout.kind == "channels-first" for layer in layers)
