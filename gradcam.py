@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -173,7 +174,9 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
     recorder = _ActivationRecorder(len(layers))
     with eval_mode(model), torch.inference_mode(False):
         # The tracer's hooks come after the recorder's, so they see what flows downstream.
-        tracer = None if all(channels_first_by_type(m) for m in layers) else LayoutTracer(images)
+        known = _known_layouts(model, images, layers)
+        tracer = None if known is not None or all(channels_first_by_type(m) for m in layers) \
+            else LayoutTracer(images)
         with _forward_hooks(layers, recorder), _tracing(model, tracer), torch.no_grad():
             scores = model(images)
             classes = _classes_for(scores, classes, images.shape[0])
@@ -181,7 +184,9 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
             if missing:
                 raise ValueError(f"target layer(s) {missing} did not run in the forward pass")
             activations = list(recorder.activations)
-            layouts = _target_layouts(layers, activations, tracer)
+            layouts = known or _target_layouts(layers, activations, tracer)
+            if tracer is not None:
+                _remember_layouts(model, images, layers, layouts)
             if chosen.uses_gradients:
                 sign = -1.0 if counterfactual else 1.0
                 per_class = _gradients_per_class(scores, activations, classes)
@@ -209,6 +214,26 @@ def _tracing(model: nn.Module, tracer: Optional[LayoutTracer]) -> Iterator[None]
         return
     with _forward_hooks([m for name, m in model.named_modules() if name], tracer):
         yield
+
+
+# Layouts already found for a model, by input shape and target modules, so that the later
+# batches of a run skip the layout pass. Weak references only: nothing is kept alive.
+_LAYOUTS_FOUND: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _known_layouts(model: nn.Module, images: torch.Tensor,
+                   layers: Sequence[nn.Module]) -> Optional[list[Layout]]:
+    entry = _LAYOUTS_FOUND.get(model, {}).get(tuple(images.shape))
+    if entry is None or len(entry[0]) != len(layers) \
+            or any(ref() is not module for ref, module in zip(entry[0], layers)):
+        return None
+    return entry[1]
+
+
+def _remember_layouts(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
+                      layouts: list[Layout]) -> None:
+    refs = [weakref.ref(module) for module in layers]
+    _LAYOUTS_FOUND.setdefault(model, {})[tuple(images.shape)] = (refs, layouts)
 
 
 def _target_layouts(layers: Sequence[nn.Module], activations: list[torch.Tensor],

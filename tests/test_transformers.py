@@ -389,3 +389,28 @@ def test_timm_vit_map_equals_the_hand_reshape(image: torch.Tensor) -> None:
         model, image, layer, classes,
         lambda x: x[:, 1:].reshape(x.shape[0], 14, 14, x.shape[-1]).permute(0, 3, 1, 2))
     assert_close_maps(maps, expected)
+
+
+def test_later_batches_reuse_the_layouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layout pass runs once per model, input shape and targets; the next batch of the
+    same run reuses it and gets the same maps as a fresh pass."""
+    import gradcam
+    import layer_layouts
+    model = tiny_vit()
+    layer = model.encoder.layers[-1].ln_1
+    images = torch.randn(2, 3, 224, 224)
+    passes = []
+
+    class Counting(layer_layouts.LayoutTracer):
+        def __init__(self, *args) -> None:
+            passes.append(1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(gradcam, "LayoutTracer", Counting)
+    first = explain(model, images, [layer], top_and_lowest, raw=True)[1][0]
+    second = explain(model, images, [layer], top_and_lowest, raw=True)[1][0]
+    assert len(passes) == 1
+    assert torch.equal(first, second)
+    explain(model, images[:1], [layer], top_and_lowest)  # another shape: a new pass
+    assert len(passes) == 2
+    assert first.amax() > 0
