@@ -266,7 +266,7 @@ def is_patch_embedding(layers: list, conv) -> bool:
     if tuple(module.kernel_size) != tuple(module.stride):
         return False
     after = layers[[layer.name for layer in layers].index(conv.name) + 1:]
-    return any(layer.layout is not None and layer.layout.kind in ("tokens", "channels-last")
+    return any(layer.layout is not None and layer.layout.kind in (TOKENS, CHANNELS_LAST)
                for layer in after)
 
 
@@ -284,7 +284,7 @@ def transformer_default(layers: list):
         return None
     after = layers[[layer.name for layer in layers].index(convs[-1].name) + 1:]
     with_class_token = [layer for layer in after if layer.layout is not None
-                        and layer.layout.kind == "tokens" and layer.layout.special > 0]
+                        and layer.layout.kind == TOKENS and layer.layout.special > 0]
     if with_class_token:
         norms: dict[str, list] = {}
         for layer in with_class_token:
