@@ -22,6 +22,7 @@ import re
 import sys
 import zipfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -106,10 +107,23 @@ def _torchvision_classifiers() -> set[str]:
     return set(torchvision.models.list_models(module=torchvision.models))
 
 
-def _torchvision_preprocessing(name: str) -> Preprocessing:
-    """The preprocessing of a torchvision model's DEFAULT weights, read from their transforms."""
+def _torchvision_preprocessing(name: str, model: nn.Module | None = None) -> Preprocessing:
+    """The preprocessing of a torchvision model's DEFAULT weights, read from their transforms.
+
+    A model built for one input size (ViT's ``image_size``) gets the transforms of the weights
+    made for that size: a vit_h_14 built without weights takes 224 px, not DEFAULT's 518."""
     import torchvision.models
-    transform = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    weights = torchvision.models.get_model_weights(name)
+    chosen = weights.DEFAULT
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int) and chosen.transforms().crop_size[0] != size:
+        chosen = next((w for w in weights if w.transforms().crop_size[0] == size), chosen)
+    transform = chosen.transforms()
+    if isinstance(size, int) and transform.crop_size[0] != size:  # no weights of that size
+        return Preprocessing(resize=round(size * transform.resize_size[0]
+                                          / transform.crop_size[0]), crop=size,
+                             mean=tuple(transform.mean), std=tuple(transform.std),
+                             interpolation=transform.interpolation.value)
     return Preprocessing(resize=transform.resize_size[0], crop=transform.crop_size[0],
                          mean=tuple(transform.mean), std=tuple(transform.std),
                          interpolation=transform.interpolation.value)
@@ -135,9 +149,16 @@ def whole_model_preprocessing(model: nn.Module) -> Preprocessing:
     (its DEFAULT weights' transforms), a timm model's ``pretrained_cfg``, else ImageNet's."""
     arch = torchvision_arch_of(model)
     if arch is not None:
-        return _torchvision_preprocessing(arch)
+        return _torchvision_preprocessing(arch, model)
     from_timm = _timm_preprocessing(getattr(model, "pretrained_cfg", None))
-    return from_timm or IMAGENET_PREPROCESSING
+    if from_timm is not None:
+        return from_timm
+    size = getattr(model, "image_size", None)  # a ViT of another size: crop to that size
+    if isinstance(size, int) and size != IMAGENET_PREPROCESSING.crop:
+        return replace(IMAGENET_PREPROCESSING, crop=size,
+                       resize=round(size * IMAGENET_PREPROCESSING.resize
+                                    / IMAGENET_PREPROCESSING.crop))
+    return IMAGENET_PREPROCESSING
 
 
 def torchvision_arch_of(model: nn.Module) -> str | None:
@@ -156,7 +177,7 @@ def torchvision_arch_of(model: nn.Module) -> str | None:
                   if torchvision.models.get_model_builder(name).__module__ == module]
     if not candidates:
         return None
-    if len({_torchvision_preprocessing(name) for name in candidates}) == 1:
+    if len({_torchvision_preprocessing(name, model) for name in candidates}) == 1:
         return candidates[0]
     count = sum(p.numel() for p in model.parameters())
     meta = {name: torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"]
@@ -187,14 +208,16 @@ def _state_signature(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def _same_architecture(found: dict[str, tuple[int, ...]],
                        built: dict[str, tuple[int, ...]]) -> bool:
-    """Same names and shapes, except classifier rows (1000 in the built one) and auxiliary
-    heads that the found model was built without (``aux_logits=False``)."""
+    """Same names and shapes, except classifier rows (1000 in the built one), position
+    embeddings, and auxiliary heads that the found model was built without."""
     missing = set(built) - set(found)
     if set(found) - set(built) or any(not key.split(".")[0].lower().startswith("aux")
                                        for key in missing):
         return False
     for key, shape in found.items():
         other = built[key]
+        if key.endswith("pos_embedding"):  # its length follows the input size (ViT)
+            continue
         if shape != other and not (len(shape) == len(other) and other[0] == 1000
                                    and shape[1:] == other[1:]):
             return False
@@ -372,15 +395,16 @@ def _model_from_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str,
     """Build ``arch`` with as many outputs as the state_dict's classifier has, then load it."""
     import torchvision.models
     if arch == BUILTIN_MODEL:
-        build, preprocessing = _builtin_architecture, BUILTIN_PREPROCESSING
+        build = _builtin_architecture
     elif arch in _torchvision_classifiers():
         def build(num_classes: int) -> nn.Module:
             return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-        preprocessing = _torchvision_preprocessing(arch)
     else:
         raise ModelError(f"--arch {arch}: unknown; use a torchvision classifier name "
                          f"(e.g. resnet50) or {BUILTIN_MODEL}")
     model = build(num_classes=1000)
+    preprocessing = (BUILTIN_PREPROCESSING if arch == BUILTIN_MODEL
+                     else _torchvision_preprocessing(arch, model))
     last_linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     key = f"{last_linear[-1]}.weight" if last_linear else None
     if key in state_dict and state_dict[key].shape[0] != 1000:

@@ -797,6 +797,20 @@ def test_whole_torchvision_model_gets_its_architectures_preprocessing(name: str,
     assert models.whole_model_preprocessing(model) == _weights_preprocessing(name)
 
 
+@pytest.mark.parametrize("name,image_size,expected", [
+    ("vit_h_14", None, (224, 224, "bicubic")),  # DEFAULT is 518, but the model takes 224
+    ("vit_b_16", 384, (384, 384, "bicubic")),   # the weights made for 384
+    ("vit_b_16", 320, (366, 320, "bilinear"))])  # no weights of that size: DEFAULT's ratio
+def test_vit_preprocessing_follows_its_image_size(name: str, image_size: int | None,
+                                                  expected: tuple) -> None:
+    kwargs = {} if image_size is None else {"image_size": image_size}
+    with torch.device("meta"):
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    assert models.torchvision_arch_of(model) == name
+    found = models.whole_model_preprocessing(model)
+    assert (found.resize, found.crop, found.interpolation) == expected
+
+
 def test_inception_file_uses_299_after_342(tmp_path: Path) -> None:
     path = tmp_path / "inception.pt"
     torch.save(torchvision.models.inception_v3(weights=None, init_weights=False), path)
@@ -805,7 +819,8 @@ def test_inception_file_uses_299_after_342(tmp_path: Path) -> None:
 
 
 def test_other_models_get_imagenet_or_timm_preprocessing() -> None:
-    assert models.whole_model_preprocessing(small_vit()) == IMAGENET_PREPROCESSING
+    assert models.whole_model_preprocessing(small_vit()) == Preprocessing(
+        37, 32, IMAGENET_PREPROCESSING.mean, IMAGENET_PREPROCESSING.std)  # its image_size
     assert models.whole_model_preprocessing(tiny_conv_net(3)) == IMAGENET_PREPROCESSING
     timm = pytest.importorskip("timm")
     model = timm.create_model("resnet10t", pretrained=False)
