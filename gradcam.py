@@ -135,7 +135,8 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module]
     Args:
         model: the classifier; it is left exactly as it was found.
         images: (B, 3, H, W) float tensor, already preprocessed, on the model's device.
-        layers: the target modules (anything returning a 4-D tensor; usually ``nn.Conv2d``).
+        layers: the target modules: anything returning a 4-D tensor (usually ``nn.Conv2d``),
+            channels-last (B, h, w, C) or tokens (B, T, D) on a patch grid included.
         classes: (B, K) integer tensor: the classes to explain for each image; or a function
             from the (B, C) scores to such a tensor (e.g. ``top_and_lowest``), so the classes
             are picked from the same forward pass that the maps use.

@@ -121,8 +121,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the model runs; auto: cuda, then mps, then cpu")
     parser.add_argument("--list_layers", action="store_true",
-                        help="print every layer with a 4-D output in run order (Conv2d layers "
-                             "with their backcount), then exit")
+                        help="print every layer with a 4-D or token output in run order "
+                             "(Conv2d layers with their backcount, transformer layers with the "
+                             "grid they are explained on), then exit")
     parser.add_argument("--batch_size", type=positive_int, default=None,
                         help=f"images per forward pass (default: {CPU_BATCH_SIZE} on CPU, "
                              f"{GPU_BATCH_SIZE} on GPU)")
