@@ -9,21 +9,28 @@ The user's model is left exactly as it was found: hooks are removed in a ``final
 submodule's training flag is restored, ``requires_grad`` is never touched and no ``.grad`` is
 filled, because gradients are taken with ``torch.autograd.grad`` down to the hooked layer outputs
 only.
+
+Transformer layers are explained too: token outputs (B, T, D) on their patch grid and
+channels-last outputs (B, h, w, C) after a permute (``layer_layouts`` decides which is which).
+The gradient is taken with respect to the layer's own output and then re-laid out exactly like
+the activation; since that is pure re-indexing, the map is the CAM at that layer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cam_methods import METHODS
+from layer_layouts import CHANNELS_FIRST, Layout, LayoutTracer, channels_first_by_type
 
 __all__ = ["grad_cam", "explain", "top_and_lowest", "ConvLayer", "conv_layers_in_run_order",
            "layers_in_run_order",
@@ -128,7 +135,8 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module]
     Args:
         model: the classifier; it is left exactly as it was found.
         images: (B, 3, H, W) float tensor, already preprocessed, on the model's device.
-        layers: the target modules (anything returning a 4-D tensor; usually ``nn.Conv2d``).
+        layers: the target modules: anything returning a 4-D tensor (usually ``nn.Conv2d``),
+            channels-last (B, h, w, C) or tokens (B, T, D) on a patch grid included.
         classes: (B, K) integer tensor: the classes to explain for each image; or a function
             from the (B, C) scores to such a tensor (e.g. ``top_and_lowest``), so the classes
             are picked from the same forward pass that the maps use.
@@ -166,29 +174,85 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
         check_classes(classes, images.shape[0])
     recorder = _ActivationRecorder(len(layers))
     with eval_mode(model), torch.inference_mode(False):
-        with _forward_hooks(layers, recorder), torch.no_grad():
+        # The tracer's hooks come after the recorder's, so they see what flows downstream.
+        known = _known_layouts(model, images, layers)
+        tracer = None if known is not None or all(channels_first_by_type(m) for m in layers) \
+            else LayoutTracer(images)
+        with _forward_hooks(layers, recorder), _tracing(model, tracer), torch.no_grad():
             scores = model(images)
             classes = _classes_for(scores, classes, images.shape[0])
             missing = [i for i, a in enumerate(recorder.activations) if a is None]
             if missing:
                 raise ValueError(f"target layer(s) {missing} did not run in the forward pass")
             activations = list(recorder.activations)
+            layouts = known or _target_layouts(layers, activations, tracer)
+            if tracer is not None:
+                _remember_layouts(model, images, layers, layouts)
             if chosen.uses_gradients:
                 sign = -1.0 if counterfactual else 1.0
                 per_class = _gradients_per_class(scores, activations, classes)
-                raw_maps = [torch.stack([chosen.from_gradients(activations[layer].detach(),
-                                                               sign * grads[layer])
-                                         for grads in per_class], dim=1).float()
-                            for layer in range(len(layers))]
+                raw_maps = [torch.stack([chosen.from_gradients(
+                    layouts[layer].to_grid(activations[layer].detach()),
+                    sign * layouts[layer].to_grid(grads[layer]))
+                    for grads in per_class], dim=1).float() for layer in range(len(layers))]
         if not chosen.uses_gradients:  # after the hooks are gone: plain inference passes
             with torch.no_grad():
-                raw_maps = [chosen.from_scores(model, images, activation.detach(), classes,
-                                               batch_size=batch_size, progress=progress).float()
-                            for activation in activations]
+                raw_maps = [chosen.from_scores(model, images, layout.to_grid(activation.detach()),
+                                               classes, batch_size=batch_size,
+                                               progress=progress).float()
+                            for activation, layout in zip(activations, layouts)]
     scores = scores.detach()
     if raw:
         return scores, raw_maps
     return scores, upsample_and_normalize(raw_maps, images.shape[-2:])
+
+
+@contextlib.contextmanager
+def _tracing(model: nn.Module, tracer: Optional[LayoutTracer]) -> Iterator[None]:
+    """Let ``tracer`` watch every submodule's output for the block (nothing if None)."""
+    if tracer is None:
+        yield
+        return
+    with _forward_hooks([m for name, m in model.named_modules() if name], tracer):
+        yield
+
+
+# Layouts already found for a model, by input shape and target modules, so that the later
+# batches of a run skip the layout pass. Weak references only: nothing is kept alive.
+_LAYOUTS_FOUND: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _known_layouts(model: nn.Module, images: torch.Tensor,
+                   layers: Sequence[nn.Module]) -> Optional[list[Layout]]:
+    entry = _LAYOUTS_FOUND.get(model, {}).get(tuple(images.shape))
+    if entry is None or len(entry[0]) != len(layers) \
+            or any(ref() is not module for ref, module in zip(entry[0], layers)):
+        return None
+    return entry[1]
+
+
+def _remember_layouts(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
+                      layouts: list[Layout]) -> None:
+    refs = [weakref.ref(module) for module in layers]
+    _LAYOUTS_FOUND.setdefault(model, {})[tuple(images.shape)] = (refs, layouts)
+
+
+def _target_layouts(layers: Sequence[nn.Module], activations: list[torch.Tensor],
+                    tracer: Optional[LayoutTracer]) -> list[Layout]:
+    """Each target's layout; ValueError for one whose channel and grid axes cannot be told."""
+    layouts = []
+    for index, (module, activation) in enumerate(zip(layers, activations)):
+        if tracer is None:
+            layout = Layout(CHANNELS_FIRST, tuple(activation.shape[-2:]), activation.shape[1])
+        else:
+            layout = tracer.layout_of(module)
+        if layout is None:
+            raise ValueError(f"target layer {index} ({type(module).__name__}, output "
+                             f"{tuple(activation.shape)}): cannot tell which axes are its "
+                             f"channels and which its grid; layers_in_run_order lists the "
+                             f"layers that can be explained")
+        layouts.append(layout)
+    return layouts
 
 
 def upsample_and_normalize(raw_maps: Sequence[torch.Tensor], size,
@@ -255,18 +319,21 @@ def _gradients_per_class(scores: torch.Tensor, activations: list[torch.Tensor],
 
 @dataclass(frozen=True)
 class ConvLayer:
-    """A module found in a model: its qualified name, the module, its output shape, and
-    whether it is a Conv2d (only those get a backcount)."""
+    """A module found in a model: its qualified name, the module, its output shape, whether
+    it is a Conv2d (only those get a backcount), and the layout it is explained in (None: its
+    channel and grid axes cannot be told apart, so it cannot be explained)."""
 
     name: str
     module: nn.Module
     output_shape: tuple[int, ...]
     is_conv: bool = True
+    layout: Optional[Layout] = None
 
 
 def layers_in_run_order(model: nn.Module, example: torch.Tensor
                         ) -> tuple[list[ConvLayer], torch.Tensor]:
-    """Every submodule with a 4-D output, in the order of its last call in a forward pass.
+    """Every submodule with a 4-D output, or a token output (B, T, D) on a patch grid, in the
+    order of its last call in a forward pass, each with its layout.
 
     Returns the layers (the last to run is last) and the model's scores for ``example``.
     A module that never runs is left out; one that runs twice is counted once, at its last
@@ -276,12 +343,14 @@ def layers_in_run_order(model: nn.Module, example: torch.Tensor
     modules = [module for _, module in named]
     names = [name for name, _ in named]
     order: OrderedDict[int, ConvLayer] = OrderedDict()
+    tracer = LayoutTracer(example)
 
     def record(index: int, module: nn.Module, inputs, output) -> None:
-        if isinstance(output, torch.Tensor) and output.dim() == 4:
+        layout = tracer.observe(module, inputs, output)
+        if isinstance(output, torch.Tensor) and (output.dim() == 4 or layout is not None):
             order.pop(index, None)
             order[index] = ConvLayer(names[index], module, tuple(output.shape),
-                                     isinstance(module, nn.Conv2d))
+                                     isinstance(module, nn.Conv2d), layout)
 
     with eval_mode(model), _forward_hooks(modules, record), torch.no_grad():
         scores = model(example)

