@@ -52,7 +52,8 @@ def _blend_tables(alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def colour_indices(heatmaps: np.ndarray) -> np.ndarray:
     """[0, 1] heatmaps -> uint8 jet colour indices; uint8 input is taken as indices already.
 
-    The render processes receive maps in this form (a quarter of float32's bytes).
+    Maps can travel between processes in this form, a quarter of float32's bytes, and still
+    give the same figure.
     """
     if heatmaps.dtype == np.uint8:
         return heatmaps
