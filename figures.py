@@ -57,7 +57,10 @@ def colour_indices(heatmaps: np.ndarray) -> np.ndarray:
     """
     if heatmaps.dtype == np.uint8:
         return heatmaps
-    return np.clip(heatmaps * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    scaled = heatmaps * 255.0  # the same float steps as np.clip(h * 255 + 0.5, 0, 255), in place
+    scaled += 0.5
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=1)
