@@ -8,6 +8,9 @@ Colours are RGB everywhere.
 from __future__ import annotations
 
 import functools
+import re
+import unicodedata
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,11 +35,72 @@ def _jet_lut() -> np.ndarray:
     return (colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=4)
+def _blend_tables(alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per RGB channel, a flat 65536-entry uint8 table: [colour index << 8 | image value].
+
+    Each entry is the float32 blend ``(1 - alpha) * value + alpha * jet + 0.5``, clipped and
+    truncated, computed once with the same operations a per-pixel float blend would use, so
+    a lookup gives exactly the pixels of that blend at a fraction of its cost.
+    """
+    values = np.arange(256, dtype=np.float32)[None, :, None]
+    blended = (1.0 - alpha) * values + alpha * _jet_lut()[:, None, :]
+    table = np.clip(blended + 0.5, 0, 255).astype(np.uint8)  # (index, value, channel)
+    return tuple(np.ascontiguousarray(table[..., c]).reshape(-1) for c in range(3))
+
+
+def colour_indices(heatmaps: np.ndarray) -> np.ndarray:
+    """[0, 1] heatmaps -> uint8 jet colour indices; uint8 input is taken as indices already.
+
+    Maps can travel between processes in this form, a quarter of float32's bytes, and still
+    give the same figure.
+    """
+    if heatmaps.dtype == np.uint8:
+        return heatmaps
+    scaled = heatmaps * 255.0  # the same float steps as np.clip(h * 255 + 0.5, 0, 255), in place
+    scaled += 0.5
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=1)
+def _half_blend_colours() -> np.ndarray | None:
+    """jet as (256, 3) uint8 whole numbers, where they make the alpha 0.5 blend exact.
+
+    With alpha 0.5, the float blend is floor((value + jet + 1) / 2), which for whole-number
+    ``jet`` is the rounded-up mean of two uint8s, (a | b) - ((a ^ b) >> 1): a few uint8 passes
+    and no float at all. Used only if it reproduces every entry of the float blend.
+    """
+    colours = np.floor(_jet_lut()).astype(np.uint8)
+    values = np.arange(256, dtype=np.uint8)[None, :, None]
+    mean = (values | colours[:, None, :]) - ((values ^ colours[:, None, :]) >> 1)
+    exact = np.stack([t.reshape(256, 256) for t in _blend_tables(0.5)], axis=-1)
+    return colours if np.array_equal(mean, exact) else None
+
+
+def _blend_into(out: np.ndarray, image: np.ndarray, indices: np.ndarray, alpha: float) -> None:
+    """Write the overlay of colour ``indices`` (H, W) uint8 on ``image`` (H, W, 3) uint8 into
+    ``out`` (H, W, 3) uint8: exactly the float32 blend of ``overlay``'s formula."""
+    colours = _half_blend_colours() if alpha == 0.5 else None
+    if colours is not None:
+        jet = colours.take(indices, axis=0)
+        np.subtract(image | jet, (image ^ jet) >> 1, out=out)
+        return
+    shifted = indices.astype(np.uint16) << 8
+    planes = np.moveaxis(image, -1, 0).astype(np.uint16)
+    for channel, table in enumerate(_blend_tables(alpha)):
+        out[..., channel] = table.take(shifted | planes[channel])
+
+
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """Blend a [0, 1] heatmap, coloured with the jet colour map, over a uint8 RGB image."""
-    colours = _jet_lut()[np.clip(heatmap * 255.0 + 0.5, 0, 255).astype(np.uint8)]
-    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
-    return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    """Blend a heatmap, coloured with the jet colour map, over a uint8 RGB image.
+
+    ``heatmap`` is (H, W) in [0, 1], or uint8 colour indices (see ``colour_indices``); both
+    give the same pixels.
+    """
+    out = np.empty(image.shape, dtype=np.uint8)
+    _blend_into(out, image, colour_indices(heatmap), float(alpha))
+    return out
 
 
 def guided_to_rgb(guided: np.ndarray) -> np.ndarray:
@@ -52,11 +116,40 @@ def guided_to_rgb(guided: np.ndarray) -> np.ndarray:
     return np.moveaxis(pixels, -3, -1)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """A piece of a line drawn alone: its coverage, its bbox's vertical extent (26.6 fixed
+    point) and the pen position of its last glyph (pixels), which is the joining space."""
+
+    coverage: np.ndarray
+    y_max: int
+    y_min: int
+    space_pen: int
+
+
+# Bidi classes that can reorder a line's glyphs across its spaces (right-to-left scripts,
+# explicit embeddings and isolates): such lines are always drawn whole.
+_REORDERING = frozenset({"R", "AL", "AN", "RLE", "RLO", "RLI", "LRE", "LRO", "LRI", "FSI",
+                         "PDF", "PDI"})
+
+
+def _left_to_right(text: str) -> bool:
+    return text.isascii() or not any(unicodedata.bidirectional(c) in _REORDERING for c in text)
+
+
+_DIGITS = "0123456789"
+_INNER_DIGIT = re.compile(r"(?<=[ -~])[0-9](?=[ -~])")  # a digit between two ASCII characters
+
+
 class _TextPainter:
     """Black text on white, rasterised by matplotlib's own font engine (FreeType, DejaVu Sans).
 
     Going to the font directly instead of through a Figure's text artists makes a title cost a
-    fraction of a millisecond; lines are cached, since labels and headings repeat.
+    fraction of a millisecond. Lines are cached, since labels and headings repeat, and so are
+    widths. Every title carries its own probability, so widths are cached under a key where
+    each digit between two ASCII characters reads 0: where the font gives every digit the same
+    advance and no kerning against ASCII (checked when the painter is made), the key and the
+    text have the same width, and word wrapping rarely asks the font again.
     """
 
     def __init__(self, points: float, bold: bool, dpi: int) -> None:
@@ -68,17 +161,92 @@ class _TextPainter:
         self._font.set_size(points, dpi)
         self.line_height = int(round(points * dpi / 72 * 1.25))
         self._render = functools.lru_cache(maxsize=4096)(self._render_line)
+        self._run = functools.lru_cache(maxsize=8192)(self._run_uncached)
+        self._widths: dict[str, int] = {}
+        self._digits_alike = self._digits_interchangeable()
 
-    def width(self, text: str) -> int:
+    def _measure(self, text: str) -> int:
         self._font.set_text(text, 0.0)
         return int(np.ceil(self._font.get_width_height()[0] / 64))
 
+    def _digits_interchangeable(self) -> bool:
+        """Whether swapping one digit for another inside an ASCII string keeps its width."""
+        from matplotlib.ft2font import Kerning
+        if len({self._measure(f"a{d}a") for d in _DIGITS}) != 1:
+            return False
+        index = self._font.get_char_index
+        neighbours = [index(code) for code in range(32, 127)]
+        for digit in (index(ord(d)) for d in _DIGITS):
+            for other in neighbours:
+                if (self._font.get_kerning(digit, other, Kerning.DEFAULT)
+                        or self._font.get_kerning(other, digit, Kerning.DEFAULT)):
+                    return False
+        return True
+
+    def _width_key(self, text: str) -> str:
+        return _INNER_DIGIT.sub("0", text) if self._digits_alike else text
+
+    def width(self, text: str) -> int:
+        key = self._width_key(text)
+        width = self._widths.get(key)
+        if width is None:
+            if len(self._widths) >= 65536:
+                self._widths.clear()
+            width = self._widths[key] = self._measure(text)
+        return width
+
     def _render_line(self, text: str) -> tuple[np.ndarray, int]:
         """(coverage (h, w) uint8, baseline row) of one line."""
+        head, space, tail = text.rpartition(" ")
+        if space and head and tail and _left_to_right(text):
+            joined = self._join(self._run(head + " "), self._run(" " + tail))
+            if joined is not None:
+                return joined
+        return self._draw(text)
+
+    def _draw(self, text: str) -> tuple[np.ndarray, int]:
+        """The font's own rendering of a whole line."""
         self._font.set_text(text, 0.0)
         self._font.draw_glyphs_to_bitmap(antialiased=True)
         coverage = np.array(self._font.get_image(), dtype=np.uint8)
         return coverage, coverage.shape[0] - int(round(self._font.get_descent() / 64))
+
+    def _run_uncached(self, text: str) -> _Run | None:
+        """``text`` (with a space at one end) drawn alone, or None where it cannot be joined."""
+        positions = self._font.set_text(text, 0.0)
+        if self._font.get_bitmap_offset()[0] != 0 or np.any(positions[:, 0] % 64):
+            return None  # ink left of the pen's start, or a pen off the pixel grid
+        self._font.draw_glyphs_to_bitmap(antialiased=True)
+        descent = self._font.get_descent()
+        return _Run(np.array(self._font.get_image(), dtype=np.uint8),
+                    y_max=self._font.get_width_height()[1] - descent, y_min=-descent,
+                    space_pen=int(positions[-1, 0]) // 64)
+
+    def _join(self, head: _Run | None, tail: _Run | None) -> tuple[np.ndarray, int] | None:
+        """The line ``head`` + ``tail`` (sharing the space between them), as the font would
+        draw it; None where the two overlap or reach outside it (then the font draws it).
+
+        The font places every glyph at a whole pixel: column = glyph left - bbox xMin (0 where
+        the line has a space and no ink left of the pen), row = floor(bbox yMax) + 1 - glyph
+        top, in a (yMax - yMin) / 64 + 2 by (xMax - xMin) / 64 + 2 image. So each part's pixels
+        move by whole pixels into the line's image.
+        """
+        if head is None or tail is None:
+            return None
+        y_max, y_min = max(head.y_max, tail.y_max), min(head.y_min, tail.y_min)
+        height = (y_max - y_min) // 64 + 2
+        width = max(head.coverage.shape[1], head.space_pen + tail.coverage.shape[1])
+        line = np.zeros((height, width), dtype=np.uint8)
+        for run, column in ((head, 0), (tail, head.space_pen)):
+            row = y_max // 64 - run.y_max // 64
+            inside = run.coverage[:max(height - row, 0)]
+            if row < 0 or inside.sum() != run.coverage.sum():
+                return None
+            region = line[row:row + inside.shape[0], column:column + inside.shape[1]]
+            if np.logical_and(region, inside).any():  # both parts ink one pixel
+                return None
+            region |= inside
+        return line, height - int(round(-y_min / 64))
 
     def paint(self, canvas: np.ndarray, text: str, centre_x: int, baseline_y: int) -> None:
         """Draw one line centred on ``centre_x`` with its baseline on row ``baseline_y``."""
@@ -143,25 +311,34 @@ class FigureWriter:
                 guided: np.ndarray | None = None) -> np.ndarray:
         """The figure as a (height, width, 3) uint8 RGB array.
 
-        ``image`` is (H, W, 3) uint8 with H = W = ``panel``; ``heatmaps`` is (K, H, W) in [0, 1];
+        ``image`` is (H, W, 3) uint8 with H = W = ``panel``; ``heatmaps`` is (K, H, W) in [0, 1]
+        or uint8 colour indices (``colour_indices``), which give the same figure;
         ``guided`` (K, H, W, 3) uint8 fills a second row (Guided Grad-CAM) under the overlays.
         """
         figure = self._blank.copy()
         if heading:
             self._heading.paint(figure, heading, self.width // 2, 4 + self._heading.line_height
                                 - self._heading.line_height // 4)
-        panels = [image] + [overlay(image, heatmap) for heatmap in heatmaps]
         line = self._title.line_height
-        for slot, (pixels, title) in enumerate(zip(panels, [image_title] + list(titles))):
-            left = self._panel_left(slot)
+        for slot, title in enumerate([image_title] + list(titles)):
             lines = self._fit(title)
             for row, text in enumerate(lines):
                 baseline = self.BAND - 6 - (len(lines) - 1 - row) * line
-                self._title.paint(figure, text, left + self.panel // 2, baseline)
-            figure[self.BAND:self.BAND + self.panel, left:left + self.panel] = pixels
+                self._title.paint(figure, text, self._panel_left(slot) + self.panel // 2,
+                                  baseline)
+        self._paste_panels(figure, image, heatmaps)
         if guided is not None:
             self._paint_guided_row(figure, guided)
         return figure
+
+    def _paste_panels(self, figure: np.ndarray, image: np.ndarray,
+                      heatmaps: np.ndarray) -> None:
+        """The image, then each heatmap's overlay, blended straight into the figure."""
+        rows = slice(self.BAND, self.BAND + self.panel)
+        figure[rows, self.GAP:self.GAP + self.panel] = image
+        for slot, indices in enumerate(colour_indices(np.asarray(heatmaps)), start=1):
+            left = self._panel_left(slot)
+            _blend_into(figure[rows, left:left + self.panel], image, indices, OVERLAY_ALPHA)
 
     def _paint_guided_row(self, figure: np.ndarray, guided: np.ndarray) -> None:
         top = self.BAND + self.panel + self.GAP

@@ -289,7 +289,10 @@ def _gradients_per_class(scores: torch.Tensor, activations: list[torch.Tensor],
 
     Images in a batch are independent in eval mode, so one backward pass of
     ``sum_b scores[b, classes[b, k]]`` gives every image's own gradient; the K passes run
-    batched (vmap over the grad outputs) where every op of the graph supports it.
+    batched (vmap over the grad outputs) where every op of the graph supports it. A batch of
+    one image takes the K passes one by one, each from a scalar: torch's check of explicit grad
+    outputs, and vmap, cost about a second of imports (sympy, functorch) on first use, which a
+    single image never wins back. The gradients are the same either way.
     """
     n_classes = classes.shape[1]
     if not scores.requires_grad:  # no target layer reaches the scores: every gradient is 0
@@ -299,7 +302,7 @@ def _gradients_per_class(scores: torch.Tensor, activations: list[torch.Tensor],
     selectors = torch.zeros((n_classes,) + tuple(scores.shape), dtype=scores.dtype,
                             device=scores.device)
     selectors.scatter_(2, classes.t().unsqueeze(2), 1.0)
-    if n_classes > 1:
+    if n_classes > 1 and scores.shape[0] > 1:
         try:  # all K backward passes as one batched pass: fewer, bigger kernels
             grads = torch.autograd.grad(scores, activations, grad_outputs=selectors,
                                         retain_graph=True, allow_unused=True,
@@ -310,8 +313,10 @@ def _gradients_per_class(scores: torch.Tensor, activations: list[torch.Tensor],
             pass
     per_class = []
     for k in range(n_classes):
-        grads = torch.autograd.grad(scores, activations, grad_outputs=selectors[k],
-                                    retain_graph=k < n_classes - 1, allow_unused=True)
+        with torch.enable_grad():  # d/dscores of this sum is selectors[k], exactly
+            selected = (scores * selectors[k]).sum()
+        grads = torch.autograd.grad(selected, activations, retain_graph=k < n_classes - 1,
+                                    allow_unused=True)
         per_class.append([torch.zeros_like(a) if g is None else g
                           for a, g in zip(activations, grads)])
     return per_class
