@@ -33,8 +33,11 @@ def _jet_lut() -> np.ndarray:
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """Blend a [0, 1] heatmap, coloured with the jet colour map, over a uint8 RGB image."""
-    colours = _jet_lut()[np.clip(heatmap * 255.0 + 0.5, 0, 255).astype(np.uint8)]
+    """Blend a [0, 1] heatmap, coloured with the jet colour map, over a uint8 RGB image.
+    A uint8 heatmap is taken as already quantised: round(map * 255), the colour index."""
+    index = heatmap if heatmap.dtype == np.uint8 else \
+        np.clip(heatmap * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    colours = _jet_lut()[index]
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
     return np.clip(blended + 0.5, 0, 255).astype(np.uint8)
 

@@ -1,0 +1,283 @@
+"""Figures in parallel: render processes compose, encode and write each image's files.
+
+The model process hands over, per image, everything a figure needs as plain arrays (the crop
+as shown, the maps already quantised to uint8 colour indices, titles, paths, raw maps), so a
+render process never imports torch. ``InlineRenderer`` does the same work in the model
+process (``--render_workers 0``, and ``--show``). Both report which images are finished, so
+the model process logs an image's summary row only once all its files are on disk.
+
+Render processes are started with ``spawn`` (never a fork of a process that may hold CUDA),
+early, so their start-up overlaps the model's loading. The job queue is bounded, so memory
+stays flat however many images there are. A render process that dies, or a write that fails,
+stops the run with a ``faults.RunFault``; temporary files a killed process left are removed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+import faults
+import outputs
+from figures import FigureWriter, show_figure
+
+QUEUED_PER_PROCESS = 2   # images waiting per render process: enough to never starve one
+POLL_S = 0.05            # how often a wait checks for finished images and dead processes
+CLOSE_S = 30.0           # a normal close waits this long for the last figures
+ABORT_S = 5.0            # a stop gives the current figures this long, then ends the processes
+
+
+@dataclass
+class FigureJob:
+    """One figure of one image: its file, the maps as uint8 colour indices, the titles."""
+
+    path: Path
+    maps: np.ndarray                  # (K, H, W) uint8: round(map * 255), as the overlay uses
+    titles: list[str]
+    heading: str
+    guided: Optional[np.ndarray] = None   # (K, H, W, 3) uint8: the Guided Grad-CAM row
+
+
+@dataclass
+class ImageJob:
+    """Every file of one image: its figures (one per layer) and, with --save_raw, its npz."""
+
+    index: int
+    image_title: str
+    shown: np.ndarray                 # (H, W, 3) uint8: the image as the model saw it
+    layout: tuple[int, int, bool]     # FigureWriter's (n_maps, panel, guided_row)
+    figures: list[FigureJob]
+    raw_path: Optional[Path] = None
+    raw_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    classes: Optional[np.ndarray] = None
+    probabilities: Optional[np.ndarray] = None
+
+    def folders(self) -> set[Path]:
+        paths = [f.path for f in self.figures] + ([self.raw_path] if self.raw_path else [])
+        return {p.parent for p in paths}
+
+
+def render_image(job: ImageJob, writers: dict, show: bool = False) -> None:
+    """Compose and write every file of ``job``; a failed write raises ``RunFault``."""
+    writer = writers.get(job.layout)
+    if writer is None:
+        writer = writers[job.layout] = FigureWriter(*job.layout)
+    for spec in job.figures:
+        figure = writer.compose(job.shown, spec.maps, spec.titles, job.image_title,
+                                spec.heading, guided=spec.guided)
+        _write(outputs.save_jpeg, figure, spec.path)
+        if show:
+            show_figure(figure, spec.path.name)
+    if job.raw_path is not None:
+        _write(lambda maps, path: outputs.save_raw(path, maps, job.classes, job.probabilities),
+               job.raw_maps, job.raw_path)
+
+
+def _write(save, value, path: Path) -> None:
+    try:
+        save(value, path)
+    except OSError as error:
+        raise faults.RunFault(f"cannot write {path}: {error.strerror or error}") from None
+
+
+class InlineRenderer:
+    """Renders in the model process, image by image (``--render_workers 0``, ``--show``)."""
+
+    workers = 0
+
+    def __init__(self, show: bool = False) -> None:
+        self.show = show
+        self._writers: dict = {}
+        self._finished: list[int] = []
+
+    def submit(self, job: ImageJob) -> None:
+        render_image(job, self._writers, self.show)
+        self._finished.append(job.index)
+
+    def take_finished(self) -> list[int]:
+        finished, self._finished = self._finished, []
+        return finished
+
+    def flush(self) -> None:
+        pass
+
+    def close(self, abort: bool = False) -> None:
+        pass
+
+
+class RenderPool:
+    """``workers`` spawned render processes fed through a bounded queue."""
+
+    def __init__(self, workers: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.workers = workers
+        self._jobs = context.Queue(maxsize=QUEUED_PER_PROCESS * workers)
+        self._done = context.Queue()
+        self._stop = context.Event()
+        self._in_flight: set[int] = set()
+        self._finished: list[int] = []
+        self._folders: set[Path] = set()
+        self._tainted = False   # a queue operation was cut short: its pipe cannot be trusted
+        self._closed = False
+        self._processes = [context.Process(target=_serve, name=f"render-{i}", daemon=True,
+                                           args=(self._jobs, self._done, self._stop,
+                                                 os.getpid()))
+                           for i in range(workers)]
+        for process in self._processes:
+            process.start()
+
+    # ------------------------------------------------------------------ the model process's side
+
+    def submit(self, job: ImageJob) -> None:
+        """Queue one image; waits (collecting finished images) while the queue is full."""
+        self._folders |= job.folders()
+        self._in_flight.add(job.index)
+        while True:
+            self._collect(block=False)
+            with self._queue_operation():
+                try:
+                    self._jobs.put(job, timeout=POLL_S)
+                    return
+                except queue.Full:
+                    pass
+
+    def take_finished(self) -> list[int]:
+        """Images whose files are all written since the last call; raises on a fault."""
+        if not self._closed:
+            self._collect(block=False)
+        finished, self._finished = self._finished, []
+        return finished
+
+    def flush(self) -> None:
+        """Wait until every submitted image is written."""
+        while self._in_flight:
+            self._collect(block=True)
+
+    def close(self, abort: bool = False) -> None:
+        """End the processes. ``abort``: let each finish its current image (at most
+        ``ABORT_S``), drop the queued ones, then end the rest; no temporary file is left."""
+        if self._closed:
+            return
+        self._closed = True
+        if abort:
+            self._stop.set()
+        else:
+            for _ in self._processes:
+                with self._queue_operation():
+                    self._jobs.put(None, timeout=CLOSE_S)
+        deadline = time.monotonic() + (ABORT_S if abort else CLOSE_S)
+        while any(p.is_alive() for p in self._processes) and time.monotonic() < deadline:
+            self._collect_quietly()
+            time.sleep(POLL_S)
+        for process in self._processes:
+            if process.is_alive():
+                process.terminate()
+                process.join(1.0)
+            if process.is_alive():
+                process.kill()
+            process.join()
+        self._collect_quietly()
+        faults.remove_temporaries(sorted(self._folders), [p.pid for p in self._processes])
+        for channel in (self._jobs, self._done):
+            channel.cancel_join_thread()
+            channel.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _queue_operation(self) -> "_GuardWithDefer":
+        return _GuardWithDefer(self)
+
+    def _collect(self, block: bool) -> None:
+        """Move finished images to ``_finished``; raise for a failed image or dead process."""
+        received = False
+        while True:
+            try:
+                with self._queue_operation():
+                    message = self._done.get(timeout=POLL_S if block and not received else 0.0)
+            except queue.Empty:
+                break
+            received = True
+            index, error = message
+            self._in_flight.discard(index)
+            if error is not None:
+                raise faults.RunFault(error)
+            self._finished.append(index)
+        if not received:
+            self._check_alive()
+
+    def _collect_quietly(self) -> None:
+        """While stopping: keep what finished, ignore the rest (the run is already stopping)."""
+        if self._tainted:
+            return
+        try:
+            while True:
+                with self._queue_operation():
+                    index, error = self._done.get_nowait()
+                self._in_flight.discard(index)
+                if error is None:
+                    self._finished.append(index)
+        except (queue.Empty, OSError, ValueError, EOFError):
+            pass
+
+    def _check_alive(self) -> None:
+        for process in self._processes:
+            if process.exitcode is not None:
+                raise faults.RunFault(f"render process {process.pid} "
+                                      f"{faults.describe_exit(process.exitcode)}")
+
+
+class _GuardWithDefer:
+    """A queue read or write that a stop signal may not cut in two (see faults.deferred)."""
+
+    def __init__(self, pool: RenderPool) -> None:
+        self.pool = pool
+        self.deferred = faults.deferred()
+
+    def __enter__(self) -> None:
+        self.pool._tainted = True
+        self.deferred.__enter__()
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        self.pool._tainted = kind is not None and kind is not queue.Empty \
+            and kind is not queue.Full
+        self.deferred.__exit__(None, None, None)
+        return False
+
+
+def _serve(jobs, done, stop, parent: int) -> None:
+    """A render process: take image jobs until told to stop, report each one's outcome."""
+    faults.die_with_parent()
+    if os.getppid() != parent:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C: the model process stops us
+    writers: dict = {}
+    while not stop.is_set():
+        try:
+            job = jobs.get(timeout=POLL_S)
+        except queue.Empty:
+            continue
+        if job is None:
+            break
+        try:
+            render_image(job, writers)
+            done.put((job.index, None))
+        except faults.RunFault as fault:
+            done.put((job.index, str(fault)))
+        except Exception as error:  # a figure that cannot be drawn stops the run, by name
+            done.put((job.index, f"render process {os.getpid()} failed on {job.image_title} "
+                                 f"({type(error).__name__}: {error})"))
+
+
+def start_renderer(workers: int, show: bool = False):
+    """A RenderPool of ``workers`` processes, or an InlineRenderer for 0 (and for --show)."""
+    if workers <= 0 or show:
+        return InlineRenderer(show)
+    return RenderPool(workers)
