@@ -7,6 +7,7 @@ process takes every N-th image (by index), and the first process merges the summ
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -262,8 +263,10 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
     dist.barrier()  # every process has read the old signature and rows before they go
     if dist.leader:
         outputs.record_run(settings.save_dir, settings.signature)
+        header = outputs.summary_header(ClassPlan(options).ranks, settings.tags, options.metrics)
+        outputs.reserve_space(settings.save_dir, len(entries), len(header))
     _check_display(settings, renderer)
-    log = outputs.SummaryLog(settings.save_dir, dist.rank)
+    summary_log = outputs.SummaryLog(settings.save_dir, dist.rank)
     index = LabelIndex(labels)
 
     def class_of_folder(folder: str | None) -> int:
@@ -273,13 +276,12 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
     explainer = Explainer(model, targets, labels, options, settings, preprocessing.crop,
                           class_of_folder, score_progress(settings.quiet or not dist.leader))
     progress = Progress(len(mine), settings.quiet or not dist.leader)
-    pending: dict[int, list[str]] = {}  # image index -> its row, logged once its files exist
+    pending: dict[int, _Pending] = {}  # image index -> its row, logged once its files exist
 
-    def log_finished() -> None:
-        for finished in renderer.take_finished():
-            row = pending.pop(finished)
+    def log(finished: list[int]) -> None:
+        for index_done in finished:
             with faults.deferred():
-                _log_row(log, row)
+                _log_row(summary_log, pending.pop(index_done).row)
                 result.processed += 1
             progress.update(1)
 
@@ -300,11 +302,11 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
                 _skip(result, entry, f"the model failed on it ({reason})")
             progress.update(len(outcome.failed))
             for job, row in outcome.jobs:
-                pending[job.index] = row
+                pending[job.index] = _Pending(row, job.paths(), time.time_ns() - CLOCK_SLACK_NS)
                 renderer.submit(job)
-                log_finished()
+                log(renderer.take_finished())
         renderer.flush()
-        log_finished()
+        log(renderer.take_finished())
     except BaseException as stop:  # noqa: B036 (Ctrl-C and SIGTERM stop cleanly too)
         result.stop = _as_stop(stop)
         if result.stop is None:
@@ -312,14 +314,33 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
     finally:
         _close_loader(batches)
         renderer.close(abort=result.stop is not None)
-        try:
-            log_finished()  # images the renderer finished while it was stopping
-        except (faults.RunFault, KeyError):
-            pass
+        if result.stop is not None:
+            with contextlib.suppress(faults.RunFault):
+                log([i for i, job in list(pending.items()) if job.written()])
         progress.close()
-        log.close()
-    result.rows = log.rows
+        summary_log.close()
+    result.rows = summary_log.rows
     return result
+
+
+CLOCK_SLACK_NS = 1_000_000_000  # file times come from a coarser clock than time.time_ns()
+
+
+@dataclass
+class _Pending:
+    """An image handed to the renderer: its row, its files, and when it was handed over."""
+
+    row: list[str]
+    paths: list[Path]
+    since_ns: int
+
+    def written(self) -> bool:
+        """Whether all its files were written by this run (files appear whole, by rename):
+        how a stopped run tells what finished, whatever messages the stop cut short."""
+        try:
+            return all(path.stat().st_mtime_ns >= self.since_ns for path in self.paths)
+        except OSError:
+            return False
 
 
 def _as_stop(stop: BaseException) -> Optional[BaseException]:
@@ -397,6 +418,7 @@ def finish(entries: list[ImageEntry], labels: list[str], options: ExplainOptions
     plan = ClassPlan(options)
     header = outputs.summary_header(plan.ranks, settings.tags, options.metrics)
     try:
+        outputs.release_space(settings.save_dir)
         outputs.write_summary(settings.save_dir, header, merged)
     except OSError as error:
         total.stop = faults.RunFault(f"cannot write {settings.save_dir / outputs.SUMMARY}: "
@@ -447,6 +469,7 @@ def _finish_stopped(entries: list[ImageEntry], options: ExplainOptions, settings
         rows = _wanted_rows(entries, rows, width=len(header))
         try:
             with faults.deferred():
+                outputs.release_space(settings.save_dir)
                 outputs.write_summary(settings.save_dir, header, list(rows.values()),
                                       keep_logs=dist.active)
             written = f"{len(rows)} in {settings.save_dir / outputs.SUMMARY}"

@@ -228,7 +228,7 @@ class Explainer:
     def _halve_batch(self, entries: list[ImageEntry]) -> None:
         if len(entries) == 1:
             raise RunFault(f"out of GPU memory with a single image ({entries[0].path})")
-        self.batch_size = max(1, len(entries) // 2)
+        self.batch_size = max(1, min(self.batch_size, len(entries)) // 2)
         self.score_batch_size = min(self.score_batch_size, self.batch_size)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -161,6 +161,28 @@ def write_summary(save_dir: Path, header: list[str], rows: list[list[str]],
         remove_logs(save_dir)
 
 
+RESERVE = ".summary-reserve"
+
+
+def reserve_space(save_dir: Path, n_rows: int, n_columns: int) -> None:
+    """Hold the room summary.csv will need, so that a run stopped by a full disk can still
+    write the summary of what it did (released just before the summary is written)."""
+    size = min((16 * n_columns + 160) * n_rows + 4096, 256 * 2 ** 20)
+    try:
+        with open(save_dir / RESERVE, "wb") as file:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(file.fileno(), 0, size)
+            else:
+                file.write(bytes(size))
+    except OSError:  # already full: the summary may then not fit either; the logs keep the rows
+        release_space(save_dir)
+
+
+def release_space(save_dir: Path) -> None:
+    with contextlib.suppress(OSError):
+        (save_dir / RESERVE).unlink()
+
+
 def save_jpeg(figure: np.ndarray, path: Path, quality: int = 90) -> None:
     """Encode an RGB array as JPEG, atomically: a reader never sees a half-written file."""
     with atomic_path(path) as temporary:

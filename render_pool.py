@@ -60,9 +60,9 @@ class ImageJob:
     classes: Optional[np.ndarray] = None
     probabilities: Optional[np.ndarray] = None
 
-    def folders(self) -> set[Path]:
-        paths = [f.path for f in self.figures] + ([self.raw_path] if self.raw_path else [])
-        return {p.parent for p in paths}
+    def paths(self) -> list[Path]:
+        """Every file this job writes."""
+        return [f.path for f in self.figures] + ([self.raw_path] if self.raw_path else [])
 
 
 def render_image(job: ImageJob, writers: dict, show: bool = False) -> None:
@@ -125,7 +125,6 @@ class RenderPool:
         self._in_flight: set[int] = set()
         self._finished: list[int] = []
         self._folders: set[Path] = set()
-        self._tainted = False   # a queue operation was cut short: its pipe cannot be trusted
         self._closed = False
         self._processes = [context.Process(target=_serve, name=f"render-{i}", daemon=True,
                                            args=(self._jobs, self._done, self._stop,
@@ -134,20 +133,17 @@ class RenderPool:
         for process in self._processes:
             process.start()
 
-    # ------------------------------------------------------------------ the model process's side
-
     def submit(self, job: ImageJob) -> None:
         """Queue one image; waits (collecting finished images) while the queue is full."""
-        self._folders |= job.folders()
+        self._folders |= {path.parent for path in job.paths()}
         self._in_flight.add(job.index)
         while True:
             self._collect(block=False)
-            with self._queue_operation():
-                try:
-                    self._jobs.put(job, timeout=POLL_S)
-                    return
-                except queue.Full:
-                    pass
+            try:
+                self._jobs.put(job, timeout=POLL_S)
+                return
+            except queue.Full:
+                pass
 
     def take_finished(self) -> list[int]:
         """Images whose files are all written since the last call; raises on a fault."""
@@ -162,8 +158,10 @@ class RenderPool:
             self._collect(block=True)
 
     def close(self, abort: bool = False) -> None:
-        """End the processes. ``abort``: let each finish its current image (at most
-        ``ABORT_S``), drop the queued ones, then end the rest; no temporary file is left."""
+        """End the processes. ``abort``: each finishes the image it is writing (for at most
+        ``ABORT_S``), the queued ones are dropped, then any left are ended and the temporary
+        files they leave are removed. Which images finished is then told by their files
+        (see batch_run), not by messages, which a stop may have cut."""
         if self._closed:
             return
         self._closed = True
@@ -171,41 +169,29 @@ class RenderPool:
             self._stop.set()
         else:
             for _ in self._processes:
-                with self._queue_operation():
-                    self._jobs.put(None, timeout=CLOSE_S)
+                self._jobs.put(None, timeout=CLOSE_S)
         deadline = time.monotonic() + (ABORT_S if abort else CLOSE_S)
-        while any(p.is_alive() for p in self._processes) and time.monotonic() < deadline:
-            self._collect_quietly()
-            time.sleep(POLL_S)
         for process in self._processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(1.0)
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in self._processes:
             if process.is_alive():
                 process.kill()
             process.join()
-        self._collect_quietly()
         faults.remove_temporaries(sorted(self._folders), [p.pid for p in self._processes])
         for channel in (self._jobs, self._done):
             channel.cancel_join_thread()
             channel.close()
-
-    # ------------------------------------------------------------------ internals
-
-    def _queue_operation(self) -> "_GuardWithDefer":
-        return _GuardWithDefer(self)
 
     def _collect(self, block: bool) -> None:
         """Move finished images to ``_finished``; raise for a failed image or dead process."""
         received = False
         while True:
             try:
-                with self._queue_operation():
-                    message = self._done.get(timeout=POLL_S if block and not received else 0.0)
+                index, error = self._done.get(timeout=POLL_S if block and not received
+                                              else 0.0)
             except queue.Empty:
                 break
             received = True
-            index, error = message
             self._in_flight.discard(index)
             if error is not None:
                 raise faults.RunFault(error)
@@ -213,43 +199,11 @@ class RenderPool:
         if not received:
             self._check_alive()
 
-    def _collect_quietly(self) -> None:
-        """While stopping: keep what finished, ignore the rest (the run is already stopping)."""
-        if self._tainted:
-            return
-        try:
-            while True:
-                with self._queue_operation():
-                    index, error = self._done.get_nowait()
-                self._in_flight.discard(index)
-                if error is None:
-                    self._finished.append(index)
-        except (queue.Empty, OSError, ValueError, EOFError):
-            pass
-
     def _check_alive(self) -> None:
         for process in self._processes:
             if process.exitcode is not None:
                 raise faults.RunFault(f"render process {process.pid} "
                                       f"{faults.describe_exit(process.exitcode)}")
-
-
-class _GuardWithDefer:
-    """A queue read or write that a stop signal may not cut in two (see faults.deferred)."""
-
-    def __init__(self, pool: RenderPool) -> None:
-        self.pool = pool
-        self.deferred = faults.deferred()
-
-    def __enter__(self) -> None:
-        self.pool._tainted = True
-        self.deferred.__enter__()
-
-    def __exit__(self, kind, value, traceback) -> bool:
-        self.pool._tainted = kind is not None and kind is not queue.Empty \
-            and kind is not queue.Full
-        self.deferred.__exit__(None, None, None)
-        return False
 
 
 def _serve(jobs, done, stop, parent: int) -> None:
