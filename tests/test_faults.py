@@ -32,7 +32,7 @@ from figures import FigureWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
-N_IMAGES = 40
+N_IMAGES = 24
 # --batch_size 1 makes every image's numbers independent of which images share its batch,
 # so an interrupted-then-resumed run must equal an uninterrupted one byte for byte.
 COMMON = ["--n_images", "all", "--conv2d_backcount", "1", "2", "--save_raw", "--quiet",
@@ -352,16 +352,16 @@ def test_out_of_memory_halves_the_batch(tiny_model: Path, images: Path, tmp_path
 
     monkeypatch.setattr(explainer, "explain", explain)
     monkeypatch.setattr(metrics, "faithfulness", faithfulness)
-    common = ["--model_path", str(tiny_model), "--images_path", str(images), "--n_images", "8",
+    common = ["--model_path", str(tiny_model), "--images_path", str(images), "--n_images", "4",
               "--quiet", "--device", "cpu", "--metrics", "--method", "scorecam",
               "--layer", "5", "--render_workers", "0", "--workers", "0"]
-    code, _, err = call(common + ["--save_dir", str(tmp_path / "oom"), "--batch_size", "8"])
+    code, _, err = call(common + ["--save_dir", str(tmp_path / "oom"), "--batch_size", "4"])
     assert code == 0, err
     notes = [line for line in err.splitlines() if "out of GPU memory" in line]
-    assert notes == ["warning: out of GPU memory with batches of 8; going on with batches of "
+    assert notes == ["warning: out of GPU memory with batches of 4; going on with batches of "
                      "2 (the same outputs as --batch_size 2)"]
     assert "Traceback" not in err
-    assert sizes["engine"][:2] == [8, 4] and max(sizes["engine"][2:]) == 2
+    assert sizes["engine"][:2] == [4, 2] and max(sizes["engine"][2:]) == 2
     assert max(sizes["score"][2:]) == 2 and max(sizes["metrics"]) == 2
     code, _, _ = call(common + ["--save_dir", str(tmp_path / "two"), "--batch_size", "2"])
     assert code == 0
