@@ -164,7 +164,6 @@ def make_loader(entries: list[ImageEntry], preprocessing: Preprocessing, batch_s
 def _decode_worker_init(worker_id: int) -> None:
     """A decode process ignores the terminal's Ctrl-C and a SIGTERM sent to the whole group
     (the model process stops it), and dies with the model process, so none is left behind."""
-    import signal
     faults.die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -285,7 +284,7 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
                 result.processed += 1
             progress.update(1)
 
-    batches = None
+    batches, aborting = None, True
     try:
         batches = iter(make_loader(mine, preprocessing, settings.batch_size, settings.workers,
                                    device))
@@ -307,13 +306,14 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
                 log(renderer.take_finished())
         renderer.flush()
         log(renderer.take_finished())
+        aborting = False
     except BaseException as stop:  # noqa: B036 (Ctrl-C and SIGTERM stop cleanly too)
         result.stop = _as_stop(stop)
         if result.stop is None:
             raise
     finally:
         _close_loader(batches)
-        renderer.close(abort=result.stop is not None)
+        renderer.close(abort=aborting)
         if result.stop is not None:
             with contextlib.suppress(faults.RunFault):
                 log([i for i, job in list(pending.items()) if job.written()])
