@@ -230,3 +230,26 @@ def test_an_unreadable_old_summary_is_ignored_with_a_warning(tmp_path: Path, cap
     assert run_cli("--n_images", "2", "--save_dir", str(tmp_path), "--skip_existing") == 0
     assert "ignoring" in capsys.readouterr().err
     assert len(read_summary(tmp_path)) == 2
+
+
+def test_skipped_files_are_named_in_the_run_result(tmp_path: Path, monkeypatch) -> None:
+    """RunResult.skipped keeps each skipped file's relative path and reason, for reports."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((DATA / "tabby" / "chelsea.png").read_bytes())
+    (folder / "b.jpg").write_text("not an image")
+    totals = []
+    original = batch_run.finish
+
+    def keep_total(*args, **kwargs):
+        totals.append(original(*args, **kwargs))
+        return totals[-1]
+
+    monkeypatch.setattr(batch_run, "finish", keep_total)
+    assert main.main(["--images_path", str(folder), "--n_images", "all", "--quiet",
+                      "--workers", "0", "--device", "cpu",
+                      "--save_dir", str(tmp_path / "out")]) == 1
+    (total,) = totals
+    assert (total.processed, total.unreadable) == (1, 1)
+    assert [name for name, _ in total.skipped] == ["b.jpg"]
+    assert total.skipped[0][1].startswith("not a readable image (")
