@@ -265,6 +265,7 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
         header = outputs.summary_header(ClassPlan(options).ranks, settings.tags, options.metrics)
         outputs.reserve_space(settings.save_dir, len(entries), len(header))
     _check_display(settings, renderer)
+    renderer.hold_batches_of(settings.batch_size)
     summary_log = outputs.SummaryLog(settings.save_dir, dist.rank)
     index = LabelIndex(labels)
 

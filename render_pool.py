@@ -109,6 +109,9 @@ class InlineRenderer:
     def flush(self) -> None:
         pass
 
+    def hold_batches_of(self, batch_size: int) -> None:
+        pass
+
     def close(self, abort: bool = False) -> None:
         pass
 
@@ -119,7 +122,8 @@ class RenderPool:
     def __init__(self, workers: int) -> None:
         context = multiprocessing.get_context("spawn")
         self.workers = workers
-        self._jobs = context.Queue(maxsize=QUEUED_PER_PROCESS * workers)
+        self._jobs = context.Queue()  # bounded by submit(): at most ``limit`` images in flight
+        self.limit = QUEUED_PER_PROCESS * workers
         self._done = context.Queue()
         self._stop = context.Event()
         self._in_flight: set[int] = set()
@@ -134,17 +138,19 @@ class RenderPool:
             process.start()
         _return_large_buffers_to_the_system()
 
+    def hold_batches_of(self, batch_size: int) -> None:
+        """Let a whole batch be in flight, so the model goes on to the next batch while this
+        one's figures are drawn (memory stays bounded by the batch size, not the run)."""
+        self.limit = max(QUEUED_PER_PROCESS * self.workers, batch_size)
+
     def submit(self, job: ImageJob) -> None:
-        """Queue one image; waits (collecting finished images) while the queue is full."""
+        """Queue one image; waits (collecting finished images) while ``limit`` are in flight."""
+        self._collect(block=False)
+        while len(self._in_flight) >= self.limit:
+            self._collect(block=True)
         self._folders |= {path.parent for path in job.paths()}
         self._in_flight.add(job.index)
-        while True:
-            self._collect(block=False)
-            try:
-                self._jobs.put(job, timeout=POLL_S)
-                return
-            except queue.Full:
-                pass
+        self._jobs.put(job)
 
     def take_finished(self) -> list[int]:
         """Images whose files are all written since the last call; raises on a fault."""
@@ -170,7 +176,7 @@ class RenderPool:
             self._stop.set()
         else:
             for _ in self._processes:
-                self._jobs.put(None, timeout=CLOSE_S)
+                self._jobs.put(None)
         deadline = time.monotonic() + (ABORT_S if abort else CLOSE_S)
         for process in self._processes:
             process.join(max(0.0, deadline - time.monotonic()))
