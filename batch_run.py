@@ -7,18 +7,23 @@ process takes every N-th image (by index), and the first process merges the summ
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
+import faults
 import outputs
 import report
-from explainer import ClassPlan, ExplainOptions, Explainer, Target, outputs_of
+from explainer import ClassPlan, ExplainOptions, Explainer, Target, is_helper_death, outputs_of
+from render_pool import InlineRenderer
 from utils import ImageEntry, LabelIndex, Preprocessing, load_rgb, prepare_image
 
 
@@ -37,17 +42,24 @@ class RunSettings:
     skip_existing: bool = False
     signature: dict = field(default_factory=dict)
     report: bool = True
+    resume_command: str = "python main.py --skip_existing"
 
 
 @dataclass
 class RunResult:
-    """Counts of one process (or, after ``finish``, of all) and its summary rows."""
+    """Counts of one process (or, after ``finish``, of all) and its summary rows.
+
+    ``skipped`` names each image that was not processed (its path relative to --images_path)
+    and why: not a readable image, or the model failed on it. ``stop`` is what ended the run
+    early (a fault, SIGTERM, Ctrl-C), or None."""
 
     processed: int = 0
     unreadable: int = 0
     already_done: int = 0
     rows: list[list[str]] = field(default_factory=list)
     resumed: bool = False
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    stop: Optional[BaseException] = None
 
 
 # ----------------------------------------------------------------------------- distribution
@@ -67,23 +79,46 @@ class Distributed:
             return
         import torch.distributed as dist
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
         if device.type == "cpu":  # share the cores instead of oversubscribing them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world))
 
+    def barrier(self) -> None:
+        """Wait for every process, polling, so that a stop signal still gets through while a
+        slower process finishes its share, and a lost process is an error, not a hang."""
+        if not self.active:
+            return
+        import torch.distributed as dist
+        try:
+            work = dist.barrier(async_op=True)
+            while not work.is_completed():
+                time.sleep(0.05)
+            work.wait()
+        except RuntimeError as error:
+            raise faults.RunFault(f"lost another process of the torchrun run "
+                                  f"({str(error).splitlines()[0]})") from None
+
     def gather(self, value):
-        """Every process's ``value``, in rank order (on every process)."""
+        """Every process's ``value``, in rank order (on every process); all are at hand."""
         if not self.active:
             return [value]
         import torch.distributed as dist
+        self.barrier()
         values = [None] * self.world
-        dist.all_gather_object(values, value)
+        try:
+            dist.all_gather_object(values, value)
+        except RuntimeError as error:
+            raise faults.RunFault(f"lost another process of the torchrun run "
+                                  f"({str(error).splitlines()[0]})") from None
         return values
 
     def stop(self) -> None:
         if self.active:
             import torch.distributed as dist
-            dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
     @property
     def leader(self) -> bool:
@@ -124,7 +159,28 @@ def make_loader(entries: list[ImageEntry], preprocessing: Preprocessing, batch_s
     return torch.utils.data.DataLoader(
         ImageDataset(entries, preprocessing), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
-        prefetch_factor=2 if workers > 0 else None)
+        prefetch_factor=2 if workers > 0 else None,
+        worker_init_fn=_decode_worker_init if workers > 0 else None)
+
+
+def _decode_worker_init(worker_id: int) -> None:
+    """A decode process ignores the terminal's Ctrl-C and a SIGTERM sent to the whole group
+    (the model process stops it), and dies with the model process, so none is left behind."""
+    faults.die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _close_loader(batches) -> None:
+    """Stop the decode processes now (the DataLoader's own shutdown), killing any that hang."""
+    if batches is None or not hasattr(batches, "_shutdown_workers"):
+        return
+    workers = list(getattr(batches, "_workers", []))
+    batches._shutdown_workers()
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(1.0)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -183,8 +239,13 @@ def score_progress(quiet: bool):
 
 def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[ImageEntry],
                 targets: list[Target], labels: list[str], options: ExplainOptions,
-                settings: RunSettings, device: torch.device, dist: Distributed) -> RunResult:
-    """Explain this process's share of ``entries``; returns what happened to them."""
+                settings: RunSettings, device: torch.device, dist: Distributed,
+                renderer=None) -> RunResult:
+    """Explain this process's share of ``entries``; returns what happened to them.
+
+    A fault, SIGTERM or Ctrl-C does not escape: the run stops within seconds, what finished
+    is kept (files and rows), and ``result.stop`` says why."""
+    renderer = renderer if renderer is not None else InlineRenderer(settings.show)
     result = RunResult()
     mine = entries[dist.rank::dist.world]
     if settings.skip_existing:
@@ -198,35 +259,139 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
             print(f"warning: --skip_existing: the outputs in {settings.save_dir} were made with "
                   f"other options (model, layers, method, classes, ...); doing every image "
                   f"again", file=sys.stderr)
-    dist.gather(None)  # every process has read the old signature before it is replaced
+    if dist.leader and not result.resumed:
+        outputs.remove_logs(settings.save_dir)  # rows of an earlier run are not this run's
+    dist.barrier()  # every process has read the old signature and rows before they go
+    live_report = None
     if dist.leader:
         outputs.record_run(settings.save_dir, settings.signature)
-    log = outputs.SummaryLog(settings.save_dir, dist.rank)
+        header = outputs.summary_header(ClassPlan(options).ranks, settings.tags, options.metrics)
+        outputs.reserve_space(settings.save_dir, len(entries), len(header))
+        live_report = _run_report(entries, labels, options, settings)
+
+    def rows_so_far() -> list[list[str]]:
+        """Every process's rows logged so far (and a resumed run's earlier ones)."""
+        rows = outputs.previous_rows(settings.save_dir, with_summary=result.resumed)
+        return list(_wanted_rows(entries, rows, width=len(header)).values())
+    _check_display(settings, renderer)
+    renderer.hold_batches_of(settings.batch_size)
+    summary_log = outputs.SummaryLog(settings.save_dir, dist.rank)
     index = LabelIndex(labels)
+
     def class_of_folder(folder: str | None) -> int:
         found = index.find(folder)
         return -1 if found is None else found
 
-    explainer = Explainer(model, targets, labels, options, settings, preprocessing.crop, log,
+    explainer = Explainer(model, targets, labels, options, settings, preprocessing.crop,
                           class_of_folder, score_progress(settings.quiet or not dist.leader))
     progress = Progress(len(mine), settings.quiet or not dist.leader)
+    pending: dict[int, _Pending] = {}  # image index -> its row, logged once its files exist
+
+    def log(finished: list[int]) -> None:
+        for index_done in finished:
+            with faults.deferred():
+                _log_row(summary_log, pending.pop(index_done).row)
+                result.processed += 1
+            progress.update(1)
+        if live_report is not None:
+            live_report.refresh(rows_so_far, result.skipped)
+
+    batches, aborting = None, True
     try:
-        loader = make_loader(mine, preprocessing, settings.batch_size, settings.workers, device)
-        for batch in loader:
+        batches = iter(make_loader(mine, preprocessing, settings.batch_size, settings.workers,
+                                   device))
+        for batch in batches:
             for position, error in batch["failed"]:
-                print(f"warning: skipping {mine[position].path}: not a readable image ({error})",
-                      file=sys.stderr)
-            result.unreadable += len(batch["failed"])
-            if batch["inputs"] is not None:
-                inputs = batch["inputs"].to(device, non_blocking=True)
-                explainer.explain([mine[p] for p in batch["positions"]], batch["shown"], inputs)
-                result.processed += len(batch["positions"])
-            progress.update(len(batch["positions"]) + len(batch["failed"]))
+                _skip(result, mine[position], f"not a readable image ({error})")
+            progress.update(len(batch["failed"]))
+            if batch["inputs"] is None:
+                continue
+            inputs = batch["inputs"].to(device, non_blocking=True)
+            outcome = explainer.explain([mine[p] for p in batch["positions"]], batch["shown"],
+                                        inputs)
+            for entry, reason in outcome.failed:
+                _skip(result, entry, f"the model failed on it ({reason})")
+            progress.update(len(outcome.failed))
+            for job, row in outcome.jobs:
+                pending[job.index] = _Pending(row, job.paths(), time.time_ns() - CLOCK_SLACK_NS)
+                renderer.submit(job)
+                log(renderer.take_finished())
+        renderer.flush()
+        log(renderer.take_finished())
+        aborting = False
+    except BaseException as stop:  # noqa: B036 (Ctrl-C and SIGTERM stop cleanly too)
+        result.stop = _as_stop(stop)
+        if result.stop is None:
+            raise
     finally:
+        _close_loader(batches)
+        renderer.close(abort=aborting)
+        if result.stop is not None:
+            with contextlib.suppress(faults.RunFault):
+                log([i for i, job in list(pending.items()) if job.written()])
         progress.close()
-        log.close()
-    result.rows = log.rows
+        summary_log.close()
+    result.rows = summary_log.rows
     return result
+
+
+CLOCK_SLACK_NS = 1_000_000_000  # file times come from a coarser clock than time.time_ns()
+
+
+@dataclass
+class _Pending:
+    """An image handed to the renderer: its row, its files, and when it was handed over."""
+
+    row: list[str]
+    paths: list[Path]
+    since_ns: int
+
+    def written(self) -> bool:
+        """Whether all its files were written by this run (files appear whole, by rename):
+        how a stopped run tells what finished, whatever messages the stop cut short."""
+        try:
+            return all(path.stat().st_mtime_ns >= self.since_ns for path in self.paths)
+        except OSError:
+            return False
+
+
+def _as_stop(stop: BaseException) -> Optional[BaseException]:
+    """What a run stops for: a fault, a signal, a dead decode process; None for a bug."""
+    if isinstance(stop, (KeyboardInterrupt, faults.Terminated, faults.RunFault)):
+        return stop
+    if is_helper_death(stop):
+        if faults.signal_received() is not None:  # the group got the signal, and so did we
+            return faults.Terminated() if faults.signal_received() != signal.SIGINT else KeyboardInterrupt()
+        return faults.RunFault(f"a decode process died: {str(stop).splitlines()[0]}")
+    if isinstance(stop, OSError):
+        return faults.RunFault(f"cannot write in {getattr(stop, 'filename', None) or 'save_dir'}"
+                               f": {stop.strerror or stop}")
+    return None
+
+
+def _log_row(log: outputs.SummaryLog, row: list[str]) -> None:
+    try:
+        log.write(row)
+    except OSError as error:
+        raise faults.RunFault(f"cannot write the summary log in {log.path.parent}: "
+                              f"{error.strerror or error}") from None
+
+
+def _skip(result: RunResult, entry: ImageEntry, reason: str) -> None:
+    print(f"warning: skipping {entry.path}: {reason}", file=sys.stderr)
+    result.unreadable += 1
+    result.skipped.append((entry.relative, reason))
+
+
+def _check_display(settings: RunSettings, renderer) -> None:
+    """--show shows figures from this process; without a display, say so once and go on."""
+    if not getattr(renderer, "show", False):
+        return
+    from figures import display_available
+    if not display_available():
+        print("warning: --show: no display available; figures are saved but not shown",
+              file=sys.stderr)
+        renderer.show = False
 
 
 def _already_done(entry: ImageEntry, settings: RunSettings,
@@ -240,21 +405,39 @@ def _already_done(entry: ImageEntry, settings: RunSettings,
 
 def finish(entries: list[ImageEntry], labels: list[str], options: ExplainOptions,
            settings: RunSettings, result: RunResult, dist: Distributed) -> RunResult:
-    """Merge every process's rows into summary.csv and report; returns the run's totals."""
-    gathered = dist.gather(result)
-    total = RunResult(*(sum(getattr(r, name) for r in gathered)
-                        for name in ("processed", "unreadable", "already_done")))
+    """Merge every process's rows into summary.csv and report; returns the run's totals.
+
+    A stopped run (``result.stop``) only writes what is done and says how to resume; it
+    never waits on the other processes, which may be gone."""
+    if result.stop is None:
+        try:
+            gathered = dist.gather(result)
+        except (KeyboardInterrupt, faults.Terminated, faults.RunFault) as stop:
+            result.stop = stop
+    if result.stop is not None:
+        return _finish_stopped(entries, labels, options, settings, result, dist)
+    total = RunResult(processed=sum(r.processed for r in gathered),
+                      unreadable=sum(r.unreadable for r in gathered),
+                      already_done=sum(r.already_done for r in gathered),
+                      skipped=[item for r in gathered for item in r.skipped])
     if not dist.leader:
         return total
     carried = outputs.previous_rows(settings.save_dir) if result.resumed else {}
-    wanted = {entry.index: entry.relative for entry in entries}
-    rows = {i: row for i, row in carried.items() if wanted.get(i) == row[1]}
+    rows = _wanted_rows(entries, carried)
     for process in gathered:
         rows.update({int(row[0]): row for row in process.rows})
     merged = total.rows = list(rows.values())
     plan = ClassPlan(options)
     header = outputs.summary_header(plan.ranks, settings.tags, options.metrics)
-    outputs.write_summary(settings.save_dir, header, merged)
+    try:
+        outputs.release_space(settings.save_dir)
+        outputs.write_summary(settings.save_dir, header, merged)
+    except OSError as error:
+        total.stop = faults.RunFault(f"cannot write {settings.save_dir / outputs.SUMMARY}: "
+                                     f"{error.strerror or error}")
+        _say_stopped(total.stop, total.processed + total.already_done, len(entries),
+                     "the rows are kept for --skip_existing", settings, dist)
+        return total
     if options.metrics:
         ranks = ["top1"] if plan.is_top else plan.ranks
         print_metric_means(outputs.metric_means(merged, header, settings.tags, ranks), options,
@@ -264,13 +447,76 @@ def finish(entries: list[ImageEntry], labels: list[str], options: ExplainOptions
         print(f"accuracy over {len(merged)} images whose folder names are labels: "
               f"top-1 {scores[0]:.1%}, top-{plan.top} {scores[1]:.1%}")
     if settings.report:
-        skipped = [(e.relative, "not a readable image") for e in entries if e.index not in rows]
-        report.write_report(settings.save_dir, header, merged, report.run_info(
-            settings.signature, labels, len(entries), skipped, scores))
+        _run_report(entries, labels, options, settings).write(merged, total.skipped)
     done = f", {total.already_done} already done" if total.already_done else ""
     print(f"processed {total.processed} image(s), skipped {total.unreadable}{done}; "
           f"figures in {settings.save_dir}")
     return total
+
+
+def _wanted_rows(entries: list[ImageEntry], rows: dict[int, list[str]],
+                 width: Optional[int] = None) -> dict[int, list[str]]:
+    """The rows that belong to this run's images (same index, same file), of full width."""
+    wanted = {entry.index: entry.relative for entry in entries}
+    return {i: row for i, row in rows.items() if wanted.get(i) == row[1]
+            and (width is None or len(row) == width)}
+
+
+def _run_report(entries: list[ImageEntry], labels: list[str], options: ExplainOptions,
+                settings: RunSettings) -> Optional[report.RunReport]:
+    """The run's report.html writer; None with --no_report."""
+    if not settings.report:
+        return None
+    plan = ClassPlan(options)
+    header = outputs.summary_header(plan.ranks, settings.tags, options.metrics)
+    return report.RunReport(settings.save_dir, header, labels, settings.signature,
+                            len(entries), plan.top if plan.is_top else None)
+
+
+def _finish_stopped(entries: list[ImageEntry], labels: list[str], options: ExplainOptions,
+                    settings: RunSettings, result: RunResult,
+                    dist: Distributed) -> RunResult:
+    """summary.csv for the images done so far, and the one line that says how to resume.
+
+    Under torchrun the first process writes it from every process's row log (which stay in
+    place, as other processes may still be adding to them); the others only say why they
+    stopped."""
+    plan = ClassPlan(options)
+    header = outputs.summary_header(plan.ranks, settings.tags, options.metrics)
+    mine = entries[dist.rank::dist.world]
+    done = result.processed + result.already_done
+    written = "the rows are kept for --skip_existing"
+    if dist.leader:
+        if dist.active:
+            rows = outputs.previous_rows(settings.save_dir, with_summary=result.resumed)
+        else:
+            rows = outputs.previous_rows(settings.save_dir) if result.resumed else {}
+            rows.update({int(row[0]): row for row in result.rows})
+        rows = _wanted_rows(entries, rows, width=len(header))
+        try:
+            with faults.deferred():
+                outputs.release_space(settings.save_dir)
+                outputs.write_summary(settings.save_dir, header, list(rows.values()),
+                                      keep_logs=dist.active)
+            written = f"{len(rows)} in {settings.save_dir / outputs.SUMMARY}"
+        except OSError as error:
+            written = (f"summary.csv not written ({error.strerror or error}); "
+                       f"the rows are kept for --skip_existing")
+        else:
+            stopped_report = _run_report(entries, labels, options, settings)
+            if stopped_report is not None:
+                with faults.deferred():
+                    stopped_report.write(list(rows.values()), result.skipped,
+                                         stopped=faults.describe_stop(result.stop))
+    _say_stopped(result.stop, done, len(mine), written, settings, dist)
+    return result
+
+
+def _say_stopped(stop: BaseException, done: int, share: int, written: str,
+                 settings: RunSettings, dist: Distributed) -> None:
+    who = f"main.py (rank {dist.rank} of {dist.world})" if dist.active else "main.py"
+    print(f"{who}: {faults.describe_stop(stop)}; {done} of {share} images done ({written}); "
+          f"resume with: {settings.resume_command}", file=sys.stderr, flush=True)
 
 
 def print_metric_means(means: dict[str, dict[str, float]], options: ExplainOptions,

@@ -2,13 +2,14 @@
 
 ``ClassPlan`` decides which classes each image's panels explain (top-3 + lowest by default, or
 the classes the user named, plus the folder's own class on request). ``Explainer`` runs the
-engine on a batch, then writes each image's figure per layer, its raw maps and its summary row.
+engine on a batch and hands back, per image, the job that writes its figures (one per layer)
+and raw maps, and its summary row; a renderer (render_pool.py) does the writing.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -19,8 +20,9 @@ from torch import nn
 import outputs
 from cam_methods import METHODS
 from gradcam import explain, top_and_lowest, upsample_and_normalize
-from figures import (FigureWriter, display_available, format_probability, guided_to_rgb,
-                     show_figure)
+from faults import RunFault
+from figures import format_probability, guided_to_rgb
+from render_pool import FigureJob, ImageJob
 from utils import ImageEntry, first_name
 
 TOP = 3
@@ -122,12 +124,40 @@ def outputs_of(entry: ImageEntry, save_dir: Path, tags: list[str], n_images: int
     return paths
 
 
+@dataclass
+class BatchOutcome:
+    """What became of one batch: each image's files to write with its summary row, and the
+    images the model failed on, with the reason."""
+
+    jobs: list[tuple[ImageJob, list[str]]] = field(default_factory=list)
+    failed: list[tuple[ImageEntry, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Computed:
+    """The engine's results for a chunk of images, on the CPU, ready to be drawn."""
+
+    truth: np.ndarray                  # (B,) folder class, -1 when the folder is not a label
+    classes: np.ndarray                # (B, K)
+    probabilities: np.ndarray          # (B, K)
+    maps: np.ndarray                   # (L, B, K, H, W) uint8 colour indices
+    peaks: np.ndarray                  # (L, B, K) raw peaks
+    raw: Optional[list[np.ndarray]]    # L x (B, K, h, w) raw maps, with --save_raw
+    guided: Optional[np.ndarray]       # (L, B, K, H, W, 3) uint8, with --guided
+    metrics: Optional[np.ndarray]      # (L, B, K, 4), with --metrics
+
+
 class Explainer:
-    """Turns one batch of images into figures, raw maps and summary rows."""
+    """Turns one batch of images into the jobs that write their files, and their rows.
+
+    Out of GPU memory, the batch is halved and tried again, down to one image; the smaller
+    size then holds for the rest of the run, Score-CAM's and the metrics' passes included, so
+    the outputs are those of that --batch_size from the start. A model that raises on a batch
+    is tried image by image, and only the images it fails on are skipped."""
 
     def __init__(self, model: nn.Module, targets: list[Target], labels: list[str],
-                 options: ExplainOptions, settings, panel: int, log: outputs.SummaryLog,
-                 class_of_folder, score_progress=None) -> None:
+                 options: ExplainOptions, settings, panel: int, class_of_folder,
+                 score_progress=None) -> None:
         self.model = model
         self.targets = targets
         self.labels = labels
@@ -136,30 +166,89 @@ class Explainer:
         self.settings = settings
         self.class_of_folder = class_of_folder
         self.score_progress = score_progress
-        self.figures = FigureWriter(n_maps=len(self.plan.ranks), panel=panel,
-                                    guided_row=options.guided)
-        self.log = log
+        self.layout = (len(self.plan.ranks), panel, options.guided)
+        self.batch_size = settings.batch_size
+        self.score_batch_size = options.score_batch_size
+        self._told_batch_size = self.batch_size
         if options.method == "scorecam" and any(isinstance(t.module, nn.Conv2d)
                                                 for t in targets):
             print("warning: Score-CAM weights channels by class probabilities, all positive, "
                   "so on a conv's signed output its maps are often zero; a layer after the "
                   "activation suits it better (e.g. --layer with a ReLU's name from "
                   "--list_layers)", file=sys.stderr)
-        self.show = settings.show
-        if self.show and not display_available():
-            print("warning: --show: no display available; figures are saved but not shown",
-                  file=sys.stderr)
-            self.show = False
 
     def explain(self, entries: list[ImageEntry], shown: list[np.ndarray],
-                inputs: torch.Tensor) -> None:
+                inputs: torch.Tensor) -> BatchOutcome:
+        """Run the engine on the batch, in chunks of the current batch size."""
+        outcome = BatchOutcome()
+        start = 0
+        while start < len(entries):
+            stop = start + self.batch_size
+            computed, problem = self._attempt(entries[start:stop], inputs[start:stop])
+            if problem == _OUT_OF_MEMORY:
+                self._halve_batch(entries[start:stop])
+                continue
+            self._tell_batch_size()
+            if problem is None:
+                outcome.jobs += self._jobs(entries[start:stop], shown[start:stop], computed)
+            else:
+                self._one_by_one(entries[start:stop], shown[start:stop], inputs[start:stop],
+                                 problem, outcome)
+            start = stop
+        return outcome
+
+    def _one_by_one(self, entries: list[ImageEntry], shown: list[np.ndarray],
+                    inputs: torch.Tensor, problem: str, outcome: BatchOutcome) -> None:
+        """The model raised on these images together: find which of them it fails on."""
+        if len(entries) == 1:
+            outcome.failed.append((entries[0], problem))
+            return
+        for b, entry in enumerate(entries):
+            computed, problem = self._attempt([entry], inputs[b:b + 1])
+            if problem == _OUT_OF_MEMORY:
+                raise RunFault(f"out of GPU memory with a single image ({entry.path})")
+            if problem is None:
+                outcome.jobs += self._jobs([entry], shown[b:b + 1], computed)
+            else:
+                outcome.failed.append((entry, problem))
+
+    def _attempt(self, entries: list[ImageEntry],
+                 inputs: torch.Tensor) -> tuple[Optional[_Computed], Optional[str]]:
+        """(results, None), or (None, why) when the model raised or memory ran out. Nothing
+        of a failed attempt is kept (no tensor, no traceback), so its memory is freed."""
+        try:
+            return self._compute(entries, inputs), None
+        except Exception as error:
+            if is_helper_death(error):
+                raise
+            if is_out_of_memory(error):
+                return None, _OUT_OF_MEMORY
+            return None, f"{type(error).__name__}: {error}"
+
+    def _halve_batch(self, entries: list[ImageEntry]) -> None:
+        if len(entries) == 1:
+            raise RunFault(f"out of GPU memory with a single image ({entries[0].path})")
+        self.batch_size = max(1, min(self.batch_size, len(entries)) // 2)
+        self.score_batch_size = min(self.score_batch_size, self.batch_size)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _tell_batch_size(self) -> None:
+        """One line when a smaller batch has worked after running out of memory."""
+        if self.batch_size < self._told_batch_size:
+            print(f"warning: out of GPU memory with batches of {self._told_batch_size}; "
+                  f"going on with batches of {self.batch_size} (the same outputs as "
+                  f"--batch_size {self.batch_size})", file=sys.stderr)
+            self._told_batch_size = self.batch_size
+
+    def _compute(self, entries: list[ImageEntry], inputs: torch.Tensor) -> _Computed:
         options = self.options
         truth = torch.tensor([self.class_of_folder(e.folder_label) for e in entries])
         scores, raw_maps = explain(
             self.model, inputs, [t.module for t in self.targets],
             lambda s: self.plan.choose(s, truth), method=options.method,
             counterfactual=options.counterfactual, raw=True,
-            batch_size=options.score_batch_size, progress=self.score_progress)
+            batch_size=self.score_batch_size, progress=self.score_progress)
         classes = self.plan.choose(scores, truth)
         maps = upsample_and_normalize(raw_maps, inputs.shape[-2:], shared=options.shared_scale)
         probabilities = torch.softmax(scores.float(), dim=1).gather(1, classes)
@@ -171,15 +260,11 @@ class Explainer:
         else:
             metrics = None
         peaks = torch.stack([m.amax(dim=(2, 3)) for m in raw_maps]).cpu().numpy()
-        maps, classes = maps.cpu().numpy(), classes.cpu().numpy()
-        probabilities = probabilities.cpu().numpy()
-        raw = [m.cpu().numpy() for m in raw_maps] if self.settings.save_raw else None
-        for b, entry in enumerate(entries):
-            self._write_image(entry, shown[b], maps[:, b], classes[b], probabilities[b],
-                              None if raw is None else [m[b] for m in raw],
-                              peaks=peaks[:, b], truth_known=bool(truth[b] >= 0),
-                              guided=None if guided is None else guided[:, b],
-                              metrics=None if metrics is None else metrics[:, b])
+        return _Computed(
+            truth=truth.numpy(), classes=classes.cpu().numpy(),
+            probabilities=probabilities.cpu().numpy(), maps=quantise(maps).cpu().numpy(),
+            peaks=peaks, raw=[m.cpu().numpy() for m in raw_maps]
+            if self.settings.save_raw else None, guided=guided, metrics=metrics)
 
     def _guided(self, inputs: torch.Tensor, classes: torch.Tensor,
                 maps: torch.Tensor) -> np.ndarray:
@@ -196,7 +281,7 @@ class Explainer:
         per_layer = []
         for layer_maps in maps:
             scores = faithfulness(self.model, inputs, layer_maps, classes,
-                                  batch_size=self.options.score_batch_size)
+                                  batch_size=self.score_batch_size)
             per_layer.append(torch.stack([scores.deletion_auc, scores.insertion_auc,
                                           scores.average_drop, scores.increase], dim=-1))
         return torch.stack(per_layer).float().cpu().numpy()
@@ -205,29 +290,59 @@ class Explainer:
         kind = "Counterfactual " if self.options.counterfactual else ""
         return f"{kind}{METHODS[self.options.method].name} at {target.describe()}"
 
-    def _write_image(self, entry: ImageEntry, shown: np.ndarray, maps: np.ndarray,
-                     classes: np.ndarray, probabilities: np.ndarray,
-                     raw_maps: Optional[list[np.ndarray]], peaks: np.ndarray,
-                     truth_known: bool, guided: Optional[np.ndarray],
-                     metrics: Optional[np.ndarray]) -> None:
+    def _jobs(self, entries: list[ImageEntry], shown: list[np.ndarray],
+              computed: _Computed) -> list[tuple[ImageJob, list[str]]]:
+        return [self._job(entry, shown[b], computed, b) for b, entry in enumerate(entries)]
+
+    def _job(self, entry: ImageEntry, shown: np.ndarray, computed: _Computed,
+             b: int) -> tuple[ImageJob, list[str]]:
+        """One image's files to write, and its summary row (logged once they are written)."""
         settings = self.settings
         tags = [t.tag for t in self.targets]
         paths = outputs_of(entry, settings.save_dir, tags, settings.n_selected,
                            settings.save_raw)
+        classes, probabilities = computed.classes[b], computed.probabilities[b]
+        peaks = computed.peaks[:, b]
+        figures = []
         for layer, target in enumerate(self.targets):
             titles = self.plan.titles(self.labels, classes.tolist(), probabilities.tolist(),
-                                      truth_known, peaks[layer].tolist()
+                                      bool(computed.truth[b] >= 0), peaks[layer].tolist()
                                       if self.options.shared_scale else None)
-            figure = self.figures.compose(shown, maps[layer], titles, entry.relative,
-                                          self.heading(target),
-                                          guided=None if guided is None else guided[layer])
-            outputs.save_jpeg(figure, paths[layer])
-            if self.show:
-                show_figure(figure, paths[layer].name)
-        if raw_maps is not None:
-            outputs.save_raw(paths[-1], dict(zip(tags, raw_maps)), classes, probabilities)
-        self.log.write(outputs.summary_row(
+            figures.append(FigureJob(
+                paths[layer], computed.maps[layer, b], titles, self.heading(target),
+                None if computed.guided is None else computed.guided[layer, b]))
+        job = ImageJob(entry.index, entry.relative, shown, self.layout, figures)
+        if computed.raw is not None:
+            job.raw_path = paths[-1]
+            job.raw_maps = dict(zip(tags, (m[b] for m in computed.raw)))
+            job.classes, job.probabilities = classes, probabilities
+        row = outputs.summary_row(
             entry.index, entry.relative, entry.folder_label,
             [self.labels[c] for c in classes], probabilities.tolist(),
             [p.name for p in paths[:len(tags)]],
-            outputs.extra_values(peaks, metrics)))
+            outputs.extra_values(peaks, None if computed.metrics is None
+                                 else computed.metrics[:, b]))
+        return job, row
+
+
+_OUT_OF_MEMORY = "out of memory"
+
+
+def quantise(maps: torch.Tensor) -> torch.Tensor:
+    """[0, 1] maps as uint8 colour indices, on their own device (a quarter of the bytes to
+    copy): exactly figures.overlay's np.clip(map * 255 + 0.5, 0, 255).astype(np.uint8)."""
+    return (maps.float() * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or another backend's 'out of memory' RuntimeError (MPS)."""
+    cuda_error = getattr(torch.cuda, "OutOfMemoryError", None)
+    if cuda_error is not None and isinstance(error, cuda_error):
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+def is_helper_death(error: BaseException) -> bool:
+    """The DataLoader's error for a decode process that died: raised in the model process
+    wherever it happens to be, so it is not the model's fault."""
+    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error)

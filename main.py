@@ -6,7 +6,8 @@ model's top-3 classes and its lowest-scoring class, saved in --save_dir.
     python main.py --model_path vgg16 --conv2d_backcount 1 --images_path data --n_images 3
     python main.py --conv2d_backcount 1 3 4 --images_path data --show
 
-Exit codes: 0 every image processed, 1 some images skipped, 2 usage error.
+Exit codes: 0 every image processed, 1 some images skipped, 2 usage error, 3 stopped by a
+fault (resume with --skip_existing), 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=non_negative_int, default=None,
                         help="processes decoding images while the model runs (default: cores - 1, "
                              "at most 8; 0 decodes in the main process)")
+    parser.add_argument("--render_workers", type=non_negative_int, default=None,
+                        help="processes composing and writing the figures (default: the cores "
+                             "left after --workers and the model, at least 1 and at most 8; 0 "
+                             "for one image or with --show; 0 draws in the main process)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
     parser.add_argument("--save_raw", action="store_true",
                         help="also write save_dir/raw/image{i}.npz: raw maps per layer "
@@ -189,7 +194,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the tool; returns the exit code (0 all processed, 1 some skipped, 2 usage error)."""
+    """Run the tool; returns the exit code (0 all processed, 1 some skipped, 2 usage error,
+    3 stopped by a fault, 130 Ctrl-C, 143 SIGTERM)."""
     try:
         args = parse_args(argv)
     except UsageError as error:
@@ -197,16 +203,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as done:  # --help
         return int(done.code or 0)
+    import faults
     from models import ModelError
     from utils import InputError
-    try:
-        return run(args)
-    except (UsageError, ModelError, InputError) as error:
-        print(f"main.py: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("main.py: interrupted", file=sys.stderr)
-        return 130
+    with faults.stop_signals():
+        try:
+            return run(args, faults.resume_command(argv))
+        except (UsageError, ModelError, InputError) as error:
+            print(f"main.py: error: {error}", file=sys.stderr)
+            return 2
+        except (KeyboardInterrupt, faults.Terminated) as stop:  # before any image was done
+            print(f"main.py: {faults.describe_stop(stop)}", file=sys.stderr)
+            return faults.exit_code_for(stop)
 
 
 def pick_device(name: str, local_rank: int = 0):
@@ -385,6 +393,17 @@ def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+def default_render_workers(n_images: int, decode_workers: int) -> int:
+    """Render processes: the cores left after decoding and the model (each torchrun process
+    counts its share of the machine's cores), at least 1 and at most 8; none for a single
+    image, where starting a process costs more than it saves."""
+    if n_images <= 1:
+        return 0
+    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = max(1, (os.cpu_count() or 1) // local_world)
+    return max(1, min(8, cores - 1 - decode_workers))
+
+
 def run_signature(args: argparse.Namespace, targets: list, options, n_images: int) -> dict:
     """Everything that shapes a run's outputs; --skip_existing keeps outputs only when it
     matches the one recorded in --save_dir."""
@@ -396,18 +415,35 @@ def run_signature(args: argparse.Namespace, targets: list, options, n_images: in
             "options": {k: v for k, v in asdict(options).items() if k != "score_batch_size"}}
 
 
-def run(args: argparse.Namespace) -> int:
-    """Load, discover layers, then explain every selected image; returns the exit code."""
-    import torch
-
-    from batch_run import Distributed, RunSettings, finish, run_batches
-    from explainer import ExplainOptions
-    from gradcam import layers_in_run_order
-    from models import load_model
+def run(args: argparse.Namespace, resume_command: str = "") -> int:
+    """Start the render processes, load, discover layers, then explain every selected image;
+    returns the exit code."""
+    from render_pool import start_renderer
     from utils import list_images
 
     entries = select_images(list_images(args.images_path), args.n_images) \
         if not args.list_layers else []
+    workers = default_workers() if args.workers is None else args.workers
+    render_workers = (default_render_workers(len(entries), workers)
+                      if args.render_workers is None else args.render_workers)
+    renderer = start_renderer(render_workers if entries else 0, args.show)
+    try:  # the render processes start while the model loads
+        return explain_images(args, entries, workers, renderer, resume_command)
+    finally:
+        renderer.close(abort=True)
+
+
+def explain_images(args: argparse.Namespace, entries: list, workers: int, renderer,
+                   resume_command: str) -> int:
+    """Load, discover layers, then explain ``entries``; returns the exit code."""
+    import torch
+
+    import faults
+    from batch_run import Distributed, RunSettings, finish, run_batches
+    from explainer import ExplainOptions
+    from gradcam import layers_in_run_order
+    from models import load_model
+
     dist = Distributed()
     device = pick_device(args.device, dist.local_rank)
     if args.counterfactual and args.method == "scorecam":
@@ -443,17 +479,19 @@ def run(args: argparse.Namespace) -> int:
     settings = RunSettings(
         save_dir=make_save_dir(args.save_dir, args.save_raw), tags=[t.tag for t in targets],
         n_selected=len(entries), batch_size=batch_size,
-        workers=default_workers() if args.workers is None else args.workers,
-        show=args.show, quiet=args.quiet, save_raw=args.save_raw,
+        workers=workers, show=args.show, quiet=args.quiet, save_raw=args.save_raw,
         skip_existing=args.skip_existing, report=not args.no_report,
-        signature=run_signature(args, targets, options, len(entries)))
+        signature=run_signature(args, targets, options, len(entries)),
+        resume_command=resume_command)
     dist.start(device)
     try:
         result = run_batches(model, preprocessing, entries, targets, labels, options,
-                             settings, device, dist)
+                             settings, device, dist, renderer)
         total = finish(entries, labels, options, settings, result, dist)
     finally:
         dist.stop()
+    if total.stop is not None:
+        return faults.exit_code_for(total.stop)
     return 1 if total.unreadable else 0
 
 

@@ -103,26 +103,37 @@ def _log_path(save_dir: Path, rank: int) -> Path:
 
 
 class SummaryLog:
-    """Append-only log of this process's summary rows, flushed row by row."""
+    """Append-only log of this process's summary rows, flushed row by row (each row in one
+    write, so a run that stops never leaves half a row)."""
 
     def __init__(self, save_dir: Path, rank: int) -> None:
         self.rows: list[list[str]] = []
-        self._file = open(_log_path(save_dir, rank), "a", newline="", encoding="utf-8")
-        self._csv = csv.writer(self._file)
+        self.path = _log_path(save_dir, rank)
+        self._file = open(self.path, "a", newline="", encoding="utf-8")
 
     def write(self, row: list[str]) -> None:
-        self.rows.append(row)
-        self._csv.writerow(row)
+        line = io.StringIO()
+        csv.writer(line).writerow(row)
+        self._file.write(line.getvalue())
         self._file.flush()
+        self.rows.append(row)
 
     def close(self) -> None:
         self._file.close()
 
 
-def previous_rows(save_dir: Path) -> dict[int, list[str]]:
-    """Rows of an earlier run: summary.csv, then any logs an interrupted run left (later wins)."""
+def remove_logs(save_dir: Path) -> None:
+    """The per-process row logs (once summary.csv holds their rows, or for a fresh run)."""
+    for log in save_dir.glob(".summary.rank*.log.csv"):
+        log.unlink()
+
+
+def previous_rows(save_dir: Path, with_summary: bool = True) -> dict[int, list[str]]:
+    """Rows of an earlier run: summary.csv, then any logs an interrupted run left (later wins).
+    Without ``with_summary``, the logs only (the rows the current run has logged so far)."""
     rows: dict[int, list[str]] = {}
-    sources = [save_dir / SUMMARY] + sorted(save_dir.glob(".summary.rank*.log.csv"))
+    sources = (([save_dir / SUMMARY] if with_summary else [])
+               + sorted(save_dir.glob(".summary.rank*.log.csv")))
     for source in sources:
         if not source.exists():
             continue
@@ -136,16 +147,40 @@ def previous_rows(save_dir: Path) -> dict[int, list[str]]:
     return rows
 
 
-def write_summary(save_dir: Path, header: list[str], rows: list[list[str]]) -> None:
-    """summary.csv, sorted by image index, then the per-process logs are removed."""
+def write_summary(save_dir: Path, header: list[str], rows: list[list[str]],
+                  keep_logs: bool = False) -> None:
+    """summary.csv, sorted by image index; then the per-process logs are removed, unless
+    other processes may still be adding to them."""
     rows = sorted(rows, key=lambda row: int(row[0]))
     with atomic_path(save_dir / SUMMARY) as temporary:
         with open(temporary, "w", newline="", encoding="utf-8") as file:
             writer = csv.writer(file)
             writer.writerow(header)
             writer.writerows(rows)
-    for log in save_dir.glob(".summary.rank*.log.csv"):
-        log.unlink()
+    if not keep_logs:
+        remove_logs(save_dir)
+
+
+RESERVE = ".summary-reserve"
+
+
+def reserve_space(save_dir: Path, n_rows: int, n_columns: int) -> None:
+    """Hold the room summary.csv will need, so that a run stopped by a full disk can still
+    write the summary of what it did (released just before the summary is written)."""
+    size = min((16 * n_columns + 160) * n_rows + 4096, 256 * 2 ** 20)
+    try:
+        with open(save_dir / RESERVE, "wb") as file:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(file.fileno(), 0, size)
+            else:
+                file.write(bytes(size))
+    except OSError:  # already full: the summary may then not fit either; the logs keep the rows
+        release_space(save_dir)
+
+
+def release_space(save_dir: Path) -> None:
+    with contextlib.suppress(OSError):
+        (save_dir / RESERVE).unlink()
 
 
 def save_jpeg(figure: np.ndarray, path: Path, quality: int = 90) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sys
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -40,7 +42,8 @@ class ReportInfo:
     ``skipped``: (relative path, reason) per image that was not processed.
     ``accuracy``: (top-1, top-k) as printed by the run, or None when folder names are not
     labels. ``settings``: further name/value pairs shown as they are.
-    ``finished``: False while a run is still going (the page then says so)."""
+    ``finished``: False while a run is still going (the page then says so).
+    ``stopped``: why a run stopped early (a fault or a signal), shown with how far it got."""
 
     model: str
     layers: list[tuple[str, str]]
@@ -52,11 +55,12 @@ class ReportInfo:
     metrics: bool = False
     settings: dict[str, str] = field(default_factory=dict)
     finished: bool = True
+    stopped: str = ""
 
 
 def run_info(signature: dict, labels: list[str], n_images: int,
              skipped: list[tuple[str, str]], accuracy: tuple[float, float] | None,
-             finished: bool = True) -> ReportInfo:
+             finished: bool = True, stopped: str = "") -> ReportInfo:
     """A ReportInfo from a run's signature (main.run_signature: model, targets, options)."""
     model_path, arch = signature.get("model", [None, None])
     model = model_path or "efficientnet-lite0 (built-in)"
@@ -76,7 +80,7 @@ def run_info(signature: dict, labels: list[str], n_images: int,
     return ReportInfo(model=model, layers=[tuple(t) for t in signature.get("targets", [])],
                       method=method, n_images=n_images, labels=labels, skipped=list(skipped),
                       accuracy=accuracy, metrics=bool(options.get("metrics")),
-                      settings=shown, finished=finished)
+                      settings=shown, finished=finished, stopped=stopped)
 
 
 def write_report(save_dir: Path, header: list[str], rows: list[list[str]],
@@ -93,6 +97,47 @@ def write_report(save_dir: Path, header: list[str], rows: list[list[str]],
     with outputs.atomic_path(path) as temporary:
         temporary.write_text(html, encoding="utf-8")
     return path
+
+
+class RunReport:
+    """The report of one run: refreshed now and then while the run goes, so a user can watch
+    it fill in; written whole at the end; or with the reason when the run stops early.
+
+    A report that cannot be written is a warning, not a fault: the figures and summary.csv
+    are what a run must leave, and they are written first."""
+
+    REFRESH_EVERY_S = 60.0
+
+    def __init__(self, save_dir: Path, header: list[str], labels: list[str], signature: dict,
+                 n_images: int, top: int | None) -> None:
+        self.save_dir = Path(save_dir)
+        self.header = header
+        self.labels = labels
+        self.signature = signature
+        self.n_images = n_images
+        self.top = top  # k of top-k accuracy; None when the panels are not top-k classes
+        self._last = time.monotonic()
+
+    def write(self, rows: list[list[str]], skipped: list[tuple[str, str]],
+              finished: bool = True, stopped: str = "") -> None:
+        """Write the page for these rows now."""
+        accuracy = outputs.accuracy(rows, self.labels, self.top) if self.top else None
+        info = run_info(self.signature, self.labels, self.n_images, skipped, accuracy,
+                        finished=finished, stopped=stopped)
+        try:
+            write_report(self.save_dir, self.header, rows, info)
+        except OSError as error:
+            print(f"warning: {self.save_dir / REPORT} not written "
+                  f"({error.strerror or error})", file=sys.stderr)
+
+    def refresh(self, rows, skipped: list[tuple[str, str]]) -> None:
+        """Rewrite the in-progress page when ``REFRESH_EVERY_S`` have passed; ``rows`` is
+        called only then (reading every process's rows costs a little)."""
+        now = time.monotonic()
+        if now - self._last < self.REFRESH_EVERY_S:
+            return
+        self._last = now
+        self.write(rows(), skipped, finished=False)
 
 
 # ----------------------------------------------------------------------------- data
@@ -234,7 +279,8 @@ def _page(data: dict, info: ReportInfo) -> str:
     script_hash = base64.b64encode(digest).decode("ascii")
     policy = ("default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; "
               f"script-src 'sha256-{script_hash}'; base-uri 'none'; form-action 'none'")
-    title = "Grad-CAM report" + ("" if info.finished else " (run in progress)")
+    state = " (run stopped)" if info.stopped else "" if info.finished else " (run in progress)"
+    title = "Grad-CAM report" + state
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<meta http-equiv=\"Content-Security-Policy\" content=\"{policy}\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"

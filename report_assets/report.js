@@ -190,7 +190,11 @@
   function buildHeader() {
     const header = el("header");
     header.appendChild(el("h1", null, "Grad-CAM report"));
-    if (!INFO.finished) {
+    if (INFO.stopped) {
+      header.appendChild(el("p", "notice", "The run ended early (" + INFO.stopped + ") with " + N +
+        " of " + INFO.n_images + " images done. Rerun the same command with --skip_existing " +
+        "to finish it."));
+    } else if (!INFO.finished) {
       header.appendChild(el("p", "notice", "The run is still going: " + N + " of " +
         INFO.n_images + " images so far. Reload the page to see more."));
     }

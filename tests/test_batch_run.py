@@ -14,6 +14,7 @@ import torch
 
 import batch_run
 import main
+import render_pool
 from gradcam import conv_layers_in_run_order, grad_cam, top_and_lowest
 from models import load_model
 from utils import list_images, load_rgb, prepare_image
@@ -155,21 +156,24 @@ def test_skip_existing_redoes_only_what_is_missing(tmp_path: Path) -> None:
 def test_an_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path: Path, monkeypatch,
                                                                 capsys) -> None:
     """Ctrl-C after two images: no temporary or truncated file; --skip_existing finishes."""
-    original = batch_run.Explainer._write_image
+    original = render_pool.render_image
     written = []
 
-    def interrupt_after_two(self, entry, *args, **kwargs):
+    def interrupt_after_two(job, *args, **kwargs):
         if len(written) == 2:
             raise KeyboardInterrupt
-        original(self, entry, *args, **kwargs)
-        written.append(entry.index)
+        original(job, *args, **kwargs)
+        written.append(job.index)
 
-    monkeypatch.setattr(batch_run.Explainer, "_write_image", interrupt_after_two)
-    assert run_cli("--n_images", "all", "--save_dir", str(tmp_path), "--save_raw") == 130
+    monkeypatch.setattr(render_pool, "render_image", interrupt_after_two)
+    assert run_cli("--n_images", "all", "--save_dir", str(tmp_path), "--save_raw",
+                   "--render_workers", "0") == 130
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     assert {p.name for p in tmp_path.glob("*.jpg")} == {"image0.jpg", "image1.jpg"}
-    monkeypatch.setattr(batch_run.Explainer, "_write_image", original)
-    capsys.readouterr()
+    assert [int(r["index"]) for r in read_summary(tmp_path)] == [0, 1]
+    err = capsys.readouterr().err
+    assert "interrupted (SIGINT); 2 of 5 images done" in err and "--skip_existing" in err
+    monkeypatch.setattr(render_pool, "render_image", original)
     assert run_cli("--n_images", "all", "--save_dir", str(tmp_path), "--save_raw",
                    "--skip_existing") == 0
     assert "processed 3 image(s), skipped 0, 2 already done" in capsys.readouterr().out
@@ -226,3 +230,26 @@ def test_an_unreadable_old_summary_is_ignored_with_a_warning(tmp_path: Path, cap
     assert run_cli("--n_images", "2", "--save_dir", str(tmp_path), "--skip_existing") == 0
     assert "ignoring" in capsys.readouterr().err
     assert len(read_summary(tmp_path)) == 2
+
+
+def test_skipped_files_are_named_in_the_run_result(tmp_path: Path, monkeypatch) -> None:
+    """RunResult.skipped keeps each skipped file's relative path and reason, for reports."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((DATA / "tabby" / "chelsea.png").read_bytes())
+    (folder / "b.jpg").write_text("not an image")
+    totals = []
+    original = batch_run.finish
+
+    def keep_total(*args, **kwargs):
+        totals.append(original(*args, **kwargs))
+        return totals[-1]
+
+    monkeypatch.setattr(batch_run, "finish", keep_total)
+    assert main.main(["--images_path", str(folder), "--n_images", "all", "--quiet",
+                      "--workers", "0", "--device", "cpu",
+                      "--save_dir", str(tmp_path / "out")]) == 1
+    (total,) = totals
+    assert (total.processed, total.unreadable) == (1, 1)
+    assert [name for name, _ in total.skipped] == ["b.jpg"]
+    assert total.skipped[0][1].startswith("not a readable image (")

@@ -1,0 +1,170 @@
+"""Faults during a run: the stop signals, the fault that ends a run, and how to resume it.
+
+A run that stops part-way (a write fails, a helper process dies, SIGTERM or Ctrl-C) ends with
+one line that says why, how many images are done and the exact command that resumes it. The
+signal handlers raise in the main thread, except inside ``deferred()`` sections (a queue
+read, a summary row being appended), which finish first, so a stop never leaves a half-read
+message or a half-written row behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+EXIT_FAULT = 3       # stopped by a fault; --skip_existing resumes
+EXIT_SIGINT = 130    # Ctrl-C (SIGINT)
+EXIT_SIGTERM = 143   # SIGTERM (a scheduler, timeout, torchrun stopping its other processes)
+
+
+class RunFault(Exception):
+    """A fault that stops the run: a write that failed, a helper process that died."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: stop cleanly, like Ctrl-C (a BaseException, so nothing swallows it)."""
+
+
+class _State:
+    deferred = 0
+    pending: Optional[int] = None
+    received: Optional[int] = None
+
+
+def _stop_for(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def _handler(signum: int, frame) -> None:
+    _State.received = signum
+    if _State.deferred:
+        _State.pending = signum
+        return
+    # Further signals wait while the stop is cleaned up (it takes a few seconds at most).
+    signal.signal(signum, _late_handler)
+    raise _stop_for(signum)
+
+
+def _late_handler(signum: int, frame) -> None:
+    _State.received = _State.received or signum
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A section a stop signal may not cut in two; the signal is raised when it ends."""
+    _State.deferred += 1
+    try:
+        yield
+    finally:
+        _State.deferred -= 1
+        if not _State.deferred and _State.pending is not None:
+            signum, _State.pending = _State.pending, None
+            signal.signal(signum, _late_handler)
+            raise _stop_for(signum)
+
+
+def signal_received() -> Optional[int]:
+    """The stop signal this process got, if any (a dying helper may be a side effect of it)."""
+    return _State.received
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT become exceptions in the main thread while the block runs."""
+    _State.deferred, _State.pending, _State.received = 0, None, None
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, _handler)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def exit_code_for(stop: BaseException) -> int:
+    if isinstance(stop, KeyboardInterrupt):
+        return EXIT_SIGINT
+    if isinstance(stop, Terminated):
+        return EXIT_SIGTERM
+    return EXIT_FAULT
+
+
+def describe_stop(stop: BaseException) -> str:
+    """What stopped the run, in a few words."""
+    if isinstance(stop, KeyboardInterrupt):
+        return "interrupted (SIGINT)"
+    if isinstance(stop, Terminated):
+        return "stopped by SIGTERM"
+    return f"stopped: {stop}"
+
+
+def describe_exit(exitcode: int) -> str:
+    """'killed by SIGKILL' or 'exited with code 1' for a process's exit code."""
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies, so none is ever left behind."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def remove_temporaries(folders: list[Path], pids: list[int]) -> None:
+    """Temporary files (``.name.PID.tmp``) that processes killed mid-write left behind."""
+    for folder in folders:
+        for pid in pids:
+            for path in folder.glob(f".*.{pid}.tmp"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
+def resume_command(argv: Optional[list[str]]) -> str:
+    """The command that started this run, shell-quoted, with --skip_existing added.
+
+    Under torchrun it is the launcher's own command line (read from /proc), since that is
+    what the user typed; otherwise the interpreter's original argv."""
+    words: Optional[list[str]] = None
+    if os.environ.get("TORCHELASTIC_RUN_ID") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        words = _launcher_command()
+    if words is None:
+        if argv is None:
+            words = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+        else:
+            words = ["python", "main.py", *argv]
+    if "--skip_existing" not in words:
+        words.append("--skip_existing")
+    return shlex.join(words)
+
+
+def _launcher_command() -> Optional[list[str]]:
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    words = [w.decode(errors="replace") for w in raw.split(b"\0") if w]
+    joined = " ".join(words)
+    if "torchrun" in joined or "torch.distributed.run" in joined:
+        return words
+    return None

@@ -1,0 +1,437 @@
+"""Faults during a run, caused for real where that is cheap, and the render pool.
+
+Each fault test checks the exit code and the one line that names the fault (no traceback), that
+no temporary file is left, that summary.csv holds exactly the images whose files are all
+written, and that a --skip_existing rerun completes the run with files and rows equal to an
+uninterrupted run. Runs use a tiny random CNN saved with torch.save and copies of data/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import io
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import main
+import outputs
+from explainer import quantise
+from figures import FigureWriter
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+N_IMAGES = 24
+# --batch_size 1 makes every image's numbers independent of which images share its batch,
+# so an interrupted-then-resumed run must equal an uninterrupted one byte for byte.
+COMMON = ["--n_images", "all", "--conv2d_backcount", "1", "2", "--save_raw", "--quiet",
+          "--device", "cpu", "--batch_size", "1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+
+
+# ----------------------------------------------------------------------------- set-up
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A torch.save()d nn.Sequential with three Conv2d layers and five classes."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(),
+                          nn.Conv2d(4, 8, 3, stride=2), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    torch.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """N_IMAGES copies of the photos in data/, in one flat folder."""
+    folder = tmp_path_factory.mktemp("images")
+    photos = sorted(p for p in DATA.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    for i in range(N_IMAGES):
+        source = photos[i % len(photos)]
+        (folder / f"img{i:02d}{source.suffix}").write_bytes(source.read_bytes())
+    return folder
+
+
+def arguments(model: Path, folder: Path, save_dir: Path, *extra: str) -> list[str]:
+    return ["--model_path", str(model), "--images_path", str(folder), "--save_dir",
+            str(save_dir), *COMMON, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path, images: Path, tmp_path_factory) -> Path:
+    """The uninterrupted run, rendered in this process."""
+    save_dir = tmp_path_factory.mktemp("reference")
+    assert main.main(arguments(tiny_model, images, save_dir, "--render_workers", "0")) == 0
+    return save_dir
+
+
+def files_in(save_dir: Path) -> dict[str, bytes]:
+    """Every output file (not the hidden bookkeeping ones), by relative path."""
+    return {p.relative_to(save_dir).as_posix(): p.read_bytes() for p in save_dir.rglob("*")
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def rows_of(save_dir: Path) -> list[list[str]]:
+    with open(save_dir / "summary.csv", newline="", encoding="utf-8") as file:
+        return list(csv.reader(file))
+
+
+def assert_equal_runs(save_dir: Path, reference: Path) -> None:
+    """Byte-identical figures, npz files and summary.csv."""
+    mine, theirs = files_in(save_dir), files_in(reference)
+    assert sorted(mine) == sorted(theirs)
+    different = [name for name in mine if mine[name] != theirs[name]]
+    assert not different, different
+
+
+def assert_clean_stop(save_dir: Path, reference: Path) -> None:
+    """No temporary file; summary.csv rows are exactly the images whose files all exist,
+    and each equals the uninterrupted run's row."""
+    assert not [p for p in save_dir.rglob("*.tmp")]
+    expected = {row[0]: row for row in rows_of(reference)[1:]}
+    rows = rows_of(save_dir)
+    assert rows[0] == rows_of(reference)[0]
+    complete = set()
+    for index, row in expected.items():
+        names = row[rows[0].index("figures")].split(";")
+        paths = [save_dir / n for n in names] + [save_dir / "raw" / f"image{index}.npz"]
+        if all(p.exists() for p in paths):
+            complete.add(index)
+    assert {row[0] for row in rows[1:]} == complete
+    for row in rows[1:]:
+        assert row == expected[row[0]]
+
+
+def fault_line(stderr: str) -> str:
+    """The one line a stopped run prints (and no traceback)."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if "resume with:" in line]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def resume_and_compare(line: str, save_dir: Path, reference: Path,
+                       torchrun: bool = False) -> None:
+    """Run the command the line gives; it completes the run."""
+    command = shlex.split(line.split("resume with: ", 1)[1])
+    assert command[-1] == "--skip_existing"
+    if not torchrun:
+        command = [sys.executable, str(ROOT / "main.py")] + command[2:]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_equal_runs(save_dir, reference)
+
+
+def call(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+# ----------------------------------------------------------------------------- processes
+
+def children(pid: int) -> list[int]:
+    """Every process below ``pid``."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, its_parent in parents.items():
+            if its_parent == parent:
+                found.append(child)
+                frontier.append(child)
+    return found
+
+
+def command_line(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                .decode(errors="replace"))
+    return ""
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped by init is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def start(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *argv], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def wait_for_figures(save_dir: Path, process: subprocess.Popen, n: int = 2) -> None:
+    deadline = time.monotonic() + 240
+    while len(list(save_dir.glob("*.jpg"))) < n:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def finish(process: subprocess.Popen, helpers: list[int]) -> tuple[int, str]:
+    _, err = process.communicate(timeout=120)
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in helpers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in helpers if alive(pid)], "helper processes left behind"
+    return process.returncode, err
+
+
+# ----------------------------------------------------------------------------- the render pool
+
+def test_render_workers_0_and_2_write_identical_files(tiny_model: Path, images: Path,
+                                                      reference: Path, tmp_path: Path) -> None:
+    """Two render processes write byte-identical figures, npz files and rows."""
+    assert main.main(arguments(tiny_model, images, tmp_path, "--render_workers", "2")) == 0
+    assert_equal_runs(tmp_path, reference)
+
+
+def test_quantised_maps_draw_the_same_figure() -> None:
+    """Maps quantised on the device give the pixels the float maps gave."""
+    rng = np.random.default_rng(0)
+    maps = torch.from_numpy(rng.random((4, 32, 32), dtype=np.float32))
+    maps[0, :4] = 0.0
+    maps[1, :4] = 1.0
+    maps[2, 0, :8] = torch.tensor([0.5 / 255, 1.5 / 255, 2.5 / 255, 0.998, 0.999, 1e-9, 0.25,
+                                   0.75])
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    writer = FigureWriter(n_maps=4, panel=32)
+    titles = ["1. a 10.0%", "2. b 5.0%", "3. c 1.0%", "lowest: d 0.1%"]
+    expected = writer.compose(image, maps.numpy(), titles, "x.png", "heading")
+    quantised = quantise(maps).numpy()
+    assert quantised.dtype == np.uint8
+    np.testing.assert_array_equal(quantised,
+                                  np.clip(maps.numpy() * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    np.testing.assert_array_equal(writer.compose(image, quantised, titles, "x.png", "heading"),
+                                  expected)
+
+
+# ----------------------------------------------------------------------------- 1. a write fails
+
+def test_disk_full_injected_at_the_write(tiny_model: Path, images: Path, reference: Path,
+                                         tmp_path: Path, monkeypatch) -> None:
+    """ENOSPC at the 7th JPEG: exit 3, one line, the done images in summary.csv, resumable."""
+    original, written = outputs.save_jpeg, []
+
+    def fill_up(figure, path, *args, **kwargs):
+        if len(written) == 6:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        original(figure, path, *args, **kwargs)
+        written.append(path)
+
+    monkeypatch.setattr(outputs, "save_jpeg", fill_up)
+    code, _, err = call(arguments(tiny_model, images, tmp_path, "--render_workers", "0"))
+    assert code == 3
+    line = fault_line(err)
+    assert "No space left on device" in line and "image3_layer1.jpg" in line
+    assert f"3 of {N_IMAGES} images done" in line
+    assert_clean_stop(tmp_path, reference)
+    monkeypatch.setattr(outputs, "save_jpeg", original)
+    resume_and_compare(line, tmp_path, reference)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 1 MB tmpfs (root only); skipped where one cannot be mounted."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_disk_full_on_a_real_tmpfs(tiny_model: Path, images: Path, reference: Path,
+                                   small_tmpfs: Path) -> None:
+    """A full file system under the render processes: exit 3 and one line; after making room,
+    the resume command completes the run."""
+    save_dir = small_tmpfs / "out"
+    done = subprocess.run([sys.executable, str(ROOT / "main.py"),
+                           *arguments(tiny_model, images, save_dir, "--render_workers", "2")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 3, done.stderr[-3000:]
+    line = fault_line(done.stderr)
+    assert "No space left on device" in line and "cannot write" in line
+    assert_clean_stop(save_dir, reference)
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
+    resume_and_compare(line, save_dir, reference)
+
+
+# ----------------------------------------------------------------------------- 2. signals
+
+def test_sigterm_stops_cleanly_and_resumes(tiny_model: Path, images: Path, reference: Path,
+                                           tmp_path: Path) -> None:
+    """SIGTERM mid-run: exit 143, one line, no decode or render process left behind."""
+    process = start(arguments(tiny_model, images, tmp_path, "--workers", "1",
+                              "--render_workers", "1"))
+    wait_for_figures(tmp_path, process)
+    helpers = children(process.pid)
+    process.send_signal(signal.SIGTERM)
+    code, err = finish(process, helpers)
+    assert code == 143
+    assert "stopped by SIGTERM" in fault_line(err)
+    assert_clean_stop(tmp_path, reference)
+    resume_and_compare(fault_line(err), tmp_path, reference)
+
+
+# ----------------------------------------------------------------------------- 3. a helper dies
+
+@pytest.mark.parametrize("victim", ["decode", "render"])
+def test_a_killed_helper_process_stops_the_run(victim: str, tiny_model: Path, images: Path,
+                                               reference: Path, tmp_path: Path) -> None:
+    """SIGKILL to a decode or a render process (as the out-of-memory killer would): exit 3,
+    one line naming it, nothing partial, nothing left running."""
+    process = start(arguments(tiny_model, images, tmp_path, "--workers", "1",
+                              "--render_workers", "1"))
+    wait_for_figures(tmp_path, process)
+    helpers = children(process.pid)
+    spawned = [pid for pid in helpers if "spawn_main" in command_line(pid)]
+    forked = [pid for pid in helpers if command_line(pid) == command_line(process.pid)]
+    victims = spawned if victim == "render" else forked
+    assert len(victims) == 1, [command_line(pid) for pid in helpers]
+    os.kill(victims[0], signal.SIGKILL)
+    code, err = finish(process, helpers)
+    assert code == 3, err[-3000:]
+    line = fault_line(err)
+    if victim == "render":
+        assert f"render process {victims[0]} killed by SIGKILL" in line
+    else:
+        assert "decode process died" in line and str(victims[0]) in line
+    assert_clean_stop(tmp_path, reference)
+    resume_and_compare(line, tmp_path, reference)
+
+
+# ----------------------------------------------------------------------------- 4. out of memory
+
+def test_out_of_memory_halves_the_batch(tiny_model: Path, images: Path, tmp_path: Path,
+                                        monkeypatch) -> None:
+    """A (faked) CUDA OOM for batches over 2: one line, then batches of 2, for the metrics'
+    and Score-CAM's passes too; the outputs equal --batch_size 2 from the start."""
+    import explainer
+    import metrics
+    engine, measure = explainer.explain, metrics.faithfulness
+    sizes = {"engine": [], "score": [], "metrics": []}
+
+    def explain(model, inputs, *args, **kwargs):
+        sizes["engine"].append(inputs.shape[0])
+        sizes["score"].append(kwargs["batch_size"])
+        if inputs.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return engine(model, inputs, *args, **kwargs)
+
+    def faithfulness(*args, **kwargs):
+        sizes["metrics"].append(kwargs["batch_size"])
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(explainer, "explain", explain)
+    monkeypatch.setattr(metrics, "faithfulness", faithfulness)
+    common = ["--model_path", str(tiny_model), "--images_path", str(images), "--n_images", "4",
+              "--quiet", "--device", "cpu", "--metrics", "--method", "scorecam",
+              "--layer", "5", "--render_workers", "0", "--workers", "0"]
+    code, _, err = call(common + ["--save_dir", str(tmp_path / "oom"), "--batch_size", "4"])
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "out of GPU memory" in line]
+    assert notes == ["warning: out of GPU memory with batches of 4; going on with batches of "
+                     "2 (the same outputs as --batch_size 2)"]
+    assert "Traceback" not in err
+    assert sizes["engine"][:2] == [4, 2] and max(sizes["engine"][2:]) == 2
+    assert max(sizes["score"][2:]) == 2 and max(sizes["metrics"]) == 2
+    code, _, _ = call(common + ["--save_dir", str(tmp_path / "two"), "--batch_size", "2"])
+    assert code == 0
+    assert_equal_runs(tmp_path / "oom", tmp_path / "two")
+
+
+# ----------------------------------------------------------------------------- 5. torchrun
+
+def test_one_failing_torchrun_process_stops_both(tiny_model: Path, images: Path,
+                                                 reference: Path, tmp_path: Path) -> None:
+    """Rank 1 cannot write image3's figure (a folder is in the way): it stops with its line,
+    rank 0 stops too (torchrun's SIGTERM) with its own, nothing hangs, and the resume command
+    completes the run."""
+    save_dir = tmp_path / "out"
+    (save_dir / "image3_layer1.jpg").mkdir(parents=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", str(ROOT / "main.py"),
+               *arguments(tiny_model, images, save_dir, "--workers", "0", "--render_workers",
+                          "1")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=ENV)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("main.py")]
+    assert len(ours) == 2, done.stderr[-4000:]
+    failed = next(line for line in ours if "rank 1 of 2" in line)
+    assert "cannot write" in failed and "image3_layer1.jpg" in failed
+    assert any("rank 0 of 2" in line for line in ours)
+    assert "torch.distributed.run" in failed.split("resume with: ", 1)[1]
+    (save_dir / "image3_layer1.jpg").rmdir()
+    assert not [p for p in save_dir.rglob("*.tmp")]
+    header, *rows = rows_of(save_dir)
+    expected = {row[0]: row for row in rows_of(reference)[1:]}
+    assert all(row == expected[row[0]] for row in rows)
+    resume_and_compare(failed, save_dir, reference, torchrun=True)
+
+
+# ----------------------------------------------------------------------------- 6. the model raises
+
+def test_a_model_raising_on_one_image_skips_only_that_image(images: Path, tmp_path: Path,
+                                                            tmp_path_factory) -> None:
+    """The model raises on a white image: that image is skipped by name (exit 1), its batch
+    mates are done one by one, and the run goes on."""
+    from tests.fault_models import FailsOnWhite
+    torch.manual_seed(0)
+    model_path = tmp_path / "fails.pt"
+    torch.save(FailsOnWhite(), model_path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.png", "c.png", "d.png"):
+        (folder / name).write_bytes((DATA / "tabby" / "chelsea.png").read_bytes())
+    from PIL import Image
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(folder / "b.png")
+    argv = ["--model_path", str(model_path), "--trust_model", "--images_path", str(folder),
+            "--n_images", "all", "--quiet", "--device", "cpu", "--batch_size", "4",
+            "--render_workers", "0", "--workers", "0"]
+    code, out, err = call(argv + ["--save_dir", str(tmp_path / "out")])
+    assert code == 1
+    assert "Traceback" not in err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipping")]
+    assert len(warnings) == 1 and "b.png" in warnings[0]
+    assert "the model failed on it (ValueError: this model cannot take a white image)" \
+        in warnings[0]
+    assert "processed 3 image(s), skipped 1" in out
+    assert [row[1] for row in rows_of(tmp_path / "out")[1:]] == ["a.png", "c.png", "d.png"]
+    # Done one by one, the batch mates equal a run without the white image.
+    (folder / "b.png").unlink()
+    code, _, _ = call(argv + ["--save_dir", str(tmp_path / "clean"), "--batch_size", "1"])
+    assert code == 0
+    def numbers(save_dir: Path) -> dict[str, list[str]]:
+        header, *rows = rows_of(save_dir)
+        figures = header.index("figures")
+        return {row[1]: row[2:figures] + row[figures + 1:] for row in rows}
+    assert numbers(tmp_path / "out") == numbers(tmp_path / "clean")
