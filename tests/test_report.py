@@ -204,6 +204,46 @@ def test_a_resumed_run_reports_every_image(tmp_path):
     assert data["prob"][0] == [r["top1_prob"] for r in rows]
 
 
+def test_a_long_run_refreshes_the_report_as_it_goes(tmp_path, monkeypatch):
+    """With the refresh interval at zero, every finished image rewrites an in-progress page
+    with the rows logged so far; the last write is the finished page of every image."""
+    monkeypatch.setattr(report.RunReport, "REFRESH_EVERY_S", 0.0)
+    writes = []
+    original = report.write_report
+
+    def record(save_dir, header, rows, info):
+        writes.append(([int(row[0]) for row in rows], info.finished))
+        return original(save_dir, header, rows, info)
+
+    monkeypatch.setattr(report, "write_report", record)
+    assert run_tool(tmp_path, "--batch_size", "2", "--render_workers", "0") == 0
+    live = [indices for indices, finished in writes if not finished]
+    assert live and live == sorted(live, key=len) and live[-1] == [0, 1, 2, 3, 4]
+    assert live[0] == [0]  # the first refresh already shows the first image
+    assert writes[-1] == ([0, 1, 2, 3, 4], True)
+    assert embedded_data(tmp_path)["info"]["finished"] is True
+
+
+def test_a_stopped_run_reports_what_is_done_and_why(tmp_path, monkeypatch):
+    """Ctrl-C after two images: the page holds those two and says why the run stopped."""
+    import render_pool
+    original = render_pool.render_image
+    done = []
+
+    def interrupt_after_two(job, *args, **kwargs):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        original(job, *args, **kwargs)
+        done.append(job.index)
+
+    monkeypatch.setattr(render_pool, "render_image", interrupt_after_two)
+    assert run_tool(tmp_path, "--render_workers", "0") == 130
+    data = embedded_data(tmp_path)
+    assert data["index"] == [0, 1]
+    assert data["info"]["stopped"] == "interrupted (SIGINT)"
+    assert "(run stopped)" in (tmp_path / "report.html").read_text(encoding="utf-8")
+
+
 # ----------------------------------------------------------------------------- in the browser
 
 def test_entries_and_count_match_the_summary(data_run, open_report, capsys):
@@ -361,7 +401,8 @@ def test_hostile_file_names_and_labels_show_as_text_and_never_run(tmp_path, open
     assert f"tabby/{HOSTILE_FILE}" in paths and f"{HOSTILE_FOLDER}/a #?%'b 名.png" in paths
     shown_labels = set(opened.texts("#entries .label"))
     assert {labels[281], labels[282], HOSTILE_FOLDER} <= shown_labels
-    assert page.text_content("#skipped") .count(f"tabby/{HOSTILE_BROKEN}") == 1
+    skipped = page.eval_on_selector_all("#skipped li", "els => els.map(e => e.textContent)")
+    assert len(skipped) == 1 and skipped[0].startswith(f"tabby/{HOSTILE_BROKEN}: not a readable")
     opened.go("q=" + quote(HOSTILE_FILE[:10]))  # the hash carries it as text too
     assert opened.indices() == [int(r["index"]) for r in rows if HOSTILE_FILE in r["path"]]
     page.click("#entries a.thumb")
