@@ -22,7 +22,7 @@ from torch import nn
 import faults
 import outputs
 import report
-from explainer import ClassPlan, ExplainOptions, Explainer, Target, is_helper_death, outputs_of
+from explainer import ClassPlan, ExplainOptions, Explainer, Target, outputs_of
 from render_pool import InlineRenderer
 from utils import ImageEntry, LabelIndex, Preprocessing, load_rgb, prepare_image
 
@@ -265,14 +265,15 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
     live_report = None
     if dist.leader:
         outputs.record_run(settings.save_dir, settings.signature)
-        header = outputs.summary_header(ClassPlan(options).ranks, settings.tags, options.metrics)
-        outputs.reserve_space(settings.save_dir, len(entries), len(header))
+        outputs.reserve_space(settings.save_dir, len(entries),
+                              len(summary_header(options, settings)))
         live_report = _run_report(entries, labels, options, settings)
 
     def rows_so_far() -> list[list[str]]:
         """Every process's rows logged so far (and a resumed run's earlier ones)."""
         rows = outputs.previous_rows(settings.save_dir, with_summary=result.resumed)
-        return list(_wanted_rows(entries, rows, width=len(header)).values())
+        width = len(summary_header(options, settings))
+        return list(_wanted_rows(entries, rows, width=width).values())
     _check_display(settings, renderer)
     renderer.hold_batches_of(settings.batch_size)
     summary_log = outputs.SummaryLog(settings.save_dir, dist.rank)
@@ -359,7 +360,7 @@ def _as_stop(stop: BaseException) -> Optional[BaseException]:
     """What a run stops for: a fault, a signal, a dead decode process; None for a bug."""
     if isinstance(stop, (KeyboardInterrupt, faults.Terminated, faults.RunFault)):
         return stop
-    if is_helper_death(stop):
+    if faults.is_helper_death(stop):
         if faults.signal_received() is not None:  # the group got the signal, and so did we
             return faults.Terminated() if faults.signal_received() != signal.SIGINT else KeyboardInterrupt()
         return faults.RunFault(f"a decode process died: {str(stop).splitlines()[0]}")
@@ -428,7 +429,7 @@ def finish(entries: list[ImageEntry], labels: list[str], options: ExplainOptions
         rows.update({int(row[0]): row for row in process.rows})
     merged = total.rows = list(rows.values())
     plan = ClassPlan(options)
-    header = outputs.summary_header(plan.ranks, settings.tags, options.metrics)
+    header = summary_header(options, settings)
     try:
         outputs.release_space(settings.save_dir)
         outputs.write_summary(settings.save_dir, header, merged)
@@ -454,6 +455,11 @@ def finish(entries: list[ImageEntry], labels: list[str], options: ExplainOptions
     return total
 
 
+def summary_header(options: ExplainOptions, settings: RunSettings) -> list[str]:
+    """summary.csv's columns for this run's panels, layers and metrics."""
+    return outputs.summary_header(ClassPlan(options).ranks, settings.tags, options.metrics)
+
+
 def _wanted_rows(entries: list[ImageEntry], rows: dict[int, list[str]],
                  width: Optional[int] = None) -> dict[int, list[str]]:
     """The rows that belong to this run's images (same index, same file), of full width."""
@@ -468,8 +474,8 @@ def _run_report(entries: list[ImageEntry], labels: list[str], options: ExplainOp
     if not settings.report:
         return None
     plan = ClassPlan(options)
-    header = outputs.summary_header(plan.ranks, settings.tags, options.metrics)
-    return report.RunReport(settings.save_dir, header, labels, settings.signature,
+    return report.RunReport(settings.save_dir, summary_header(options, settings), labels,
+                            settings.signature,
                             len(entries), plan.top if plan.is_top else None)
 
 
@@ -481,8 +487,7 @@ def _finish_stopped(entries: list[ImageEntry], labels: list[str], options: Expla
     Under torchrun the first process writes it from every process's row log (which stay in
     place, as other processes may still be adding to them); the others only say why they
     stopped."""
-    plan = ClassPlan(options)
-    header = outputs.summary_header(plan.ranks, settings.tags, options.metrics)
+    header = summary_header(options, settings)
     mine = entries[dist.rank::dist.world]
     done = result.processed + result.already_done
     written = "the rows are kept for --skip_existing"

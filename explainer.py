@@ -20,6 +20,7 @@ from torch import nn
 import outputs
 from cam_methods import METHODS
 from gradcam import explain, top_and_lowest, upsample_and_normalize
+import faults
 from faults import RunFault
 from figures import format_probability, guided_to_rgb
 from render_pool import FigureJob, ImageJob
@@ -219,7 +220,7 @@ class Explainer:
         try:
             return self._compute(entries, inputs), None
         except Exception as error:
-            if is_helper_death(error):
+            if faults.is_helper_death(error):
                 raise
             if is_out_of_memory(error):
                 return None, _OUT_OF_MEMORY
@@ -340,9 +341,3 @@ def is_out_of_memory(error: BaseException) -> bool:
     if cuda_error is not None and isinstance(error, cuda_error):
         return True
     return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
-
-
-def is_helper_death(error: BaseException) -> bool:
-    """The DataLoader's error for a decode process that died: raised in the model process
-    wherever it happens to be, so it is not the model's fault."""
-    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error)

@@ -27,6 +27,12 @@ class RunFault(Exception):
     """A fault that stops the run: a write that failed, a helper process that died."""
 
 
+def is_helper_death(error: BaseException) -> bool:
+    """The DataLoader's error for a decode process that died: raised in the model process
+    wherever it happens to be, so it is neither the model's fault nor a bug."""
+    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error)
+
+
 class Terminated(BaseException):
     """SIGTERM arrived: stop cleanly, like Ctrl-C (a BaseException, so nothing swallows it)."""
 

@@ -13,6 +13,7 @@ fault (resume with --skip_existing), 130 Ctrl-C, 143 SIGTERM.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -62,24 +63,25 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """A finite float above zero for argparse (a standard deviation)."""
+def finite_float(text: str) -> float:
+    """A finite float for argparse (a mean)."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
     return value
 
 
-def finite_float(text: str) -> float:
+def positive_float(text: str) -> float:
+    """A finite float above zero for argparse (a standard deviation)."""
     try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+        value = finite_float(text)
+    except argparse.ArgumentTypeError:
+        value = 0.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
     return value
 
 
