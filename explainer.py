@@ -31,14 +31,18 @@ TOP = 3
 
 @dataclass(frozen=True)
 class Target:
-    """A layer to explain: its tag (in file names and npz keys), name, module and backcount."""
+    """A layer to explain: its tag (in file names and npz keys), name, module and backcount;
+    ``transformer_default`` when it was chosen as a transformer's default layer."""
 
     tag: str
     name: str
     module: nn.Module
     backcount: Optional[int] = None
+    transformer_default: bool = False
 
     def describe(self) -> str:
+        if self.transformer_default:
+            return f"{self.name} (default layer for this transformer)"
         where = f"conv2d_backcount {self.backcount}" if self.backcount else "--layer"
         return f"{self.name} ({where})"
 

@@ -286,16 +286,8 @@ def pick_targets(layers: list, backcounts: list[int], names: list[str] | None,
 
 def _default_target(layer):
     """A Target for the transformer default layer, described as such in figure headings."""
-    from dataclasses import dataclass
-
     from explainer import Target
-
-    @dataclass(frozen=True)
-    class DefaultTarget(Target):
-        def describe(self) -> str:
-            return f"{self.name} (default layer for this transformer)"
-
-    return DefaultTarget(f"layer-{layer.name}", layer.name, layer.module)
+    return Target(f"layer-{layer.name}", layer.name, layer.module, transformer_default=True)
 
 
 def print_layers(layers: list, default=None) -> None:
@@ -406,11 +398,14 @@ def default_render_workers(n_images: int, decode_workers: int) -> int:
     return max(1, min(8, cores - 1 - decode_workers))
 
 
-def run_signature(args: argparse.Namespace, targets: list, options, n_images: int) -> dict:
-    """Everything that shapes a run's outputs; --skip_existing keeps outputs only when it
-    matches the one recorded in --save_dir."""
+def run_signature(args: argparse.Namespace, targets: list, options, n_images: int,
+                  preprocessing) -> dict:
+    """Everything that shapes a run's outputs (the preprocessing too: --resize, --crop, --mean
+    and --std change every map); --skip_existing keeps outputs only when it matches the one
+    recorded in --save_dir."""
     from dataclasses import asdict
     return {"model": [args.model_path, args.arch], "images": str(args.images_path),
+            "preprocessing": asdict(preprocessing),
             "layer_named_files": len(targets) > 1 and n_images == 1,
             "targets": [[t.tag, t.name] for t in targets],
             "labels": [args.labels_path, args.imageNet_labels], "save_raw": args.save_raw,
@@ -483,7 +478,7 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
         n_selected=len(entries), batch_size=batch_size,
         workers=workers, show=args.show, quiet=args.quiet, save_raw=args.save_raw,
         skip_existing=args.skip_existing, report=not args.no_report,
-        signature=run_signature(args, targets, options, len(entries)),
+        signature=run_signature(args, targets, options, len(entries), preprocessing),
         resume_command=resume_command)
     dist.start(device)
     try:

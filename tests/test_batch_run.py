@@ -222,6 +222,21 @@ def test_skip_existing_redoes_everything_when_the_options_change(tmp_path: Path,
     assert all(None not in row and row["class1"] == "tabby" for row in rows)
 
 
+def test_skip_existing_redoes_everything_when_the_preprocessing_changes(tmp_path: Path,
+                                                                       capsys) -> None:
+    """--resize changes every map, so outputs made without it are not kept."""
+    assert run_cli("--n_images", "2", "--save_dir", str(tmp_path)) == 0
+    before = read_summary(tmp_path)
+    capsys.readouterr()
+    assert run_cli("--n_images", "2", "--save_dir", str(tmp_path), "--skip_existing",
+                   "--resize", "320") == 0
+    captured = capsys.readouterr()
+    assert "other options" in captured.err and "processed 2 image(s)" in captured.out
+    after = read_summary(tmp_path)
+    assert [r["path"] for r in after] == [r["path"] for r in before]
+    assert [r["top1_peak_layer1"] for r in after] != [r["top1_peak_layer1"] for r in before]
+
+
 def test_an_unreadable_old_summary_is_ignored_with_a_warning(tmp_path: Path, capsys) -> None:
     """A summary.csv re-saved in another encoding does not stop a resumed run."""
     assert run_cli("--n_images", "2", "--save_dir", str(tmp_path)) == 0

@@ -140,7 +140,8 @@ def test_vit_default_layer_is_the_last_blocks_first_norm(vit_b_16: nn.Module,
     assert layer_named(layers, "conv_proj").layout.kind == "channels-first"
     (target,) = main.pick_targets(layers, [1], None, backcount_given=False)
     assert target.name == default.name and target.module is default.module
-    assert "encoder.layers.encoder_layer_11.ln_1" in target.describe()
+    assert target.describe() == ("encoder.layers.encoder_layer_11.ln_1 (default layer for "
+                                 "this transformer)")
 
 
 @pytest.mark.parametrize("name", ["encoder.layers.encoder_layer_11.ln_1",
