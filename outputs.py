@@ -85,11 +85,15 @@ SIGNATURE = ".run-signature.json"
 
 
 def same_run(save_dir: Path, signature: dict) -> bool:
-    """Whether save_dir's outputs were made with these settings (so they can be kept)."""
+    """Whether save_dir's outputs were made with these settings (so they can be kept).
+
+    The signature is compared as JSON reads it back (tuples become lists), so settings held in
+    tuples (--classes, the preprocessing's mean and std) match their recorded selves."""
     try:
-        return json.loads((save_dir / SIGNATURE).read_text(encoding="utf-8")) == signature
+        recorded = json.loads((save_dir / SIGNATURE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    return recorded == json.loads(json.dumps(signature, sort_keys=True))
 
 
 def record_run(save_dir: Path, signature: dict) -> None:

@@ -237,6 +237,18 @@ def test_skip_existing_redoes_everything_when_the_preprocessing_changes(tmp_path
     assert [r["top1_peak_layer1"] for r in after] != [r["top1_peak_layer1"] for r in before]
 
 
+def test_skip_existing_keeps_outputs_made_with_the_same_classes(tmp_path: Path,
+                                                                capsys) -> None:
+    """Settings held in tuples (--classes) match their recorded selves: nothing is redone."""
+    assert run_cli("--n_images", "2", "--save_dir", str(tmp_path), "--classes", "tabby") == 0
+    capsys.readouterr()
+    assert run_cli("--n_images", "2", "--save_dir", str(tmp_path), "--skip_existing",
+                   "--classes", "tabby") == 0
+    captured = capsys.readouterr()
+    assert "other options" not in captured.err
+    assert "processed 0 image(s), skipped 0, 2 already done" in captured.out
+
+
 def test_an_unreadable_old_summary_is_ignored_with_a_warning(tmp_path: Path, capsys) -> None:
     """A summary.csv re-saved in another encoding does not stop a resumed run."""
     assert run_cli("--n_images", "2", "--save_dir", str(tmp_path)) == 0
