@@ -176,7 +176,14 @@ def _close_loader(batches) -> None:
     if batches is None or not hasattr(batches, "_shutdown_workers"):
         return
     workers = list(getattr(batches, "_workers", []))
-    batches._shutdown_workers()
+    try:
+        batches._shutdown_workers()
+    except RuntimeError as error:
+        # A worker that died (or was killed) reports it through the DataLoader's SIGCHLD
+        # handler, which may fire during this shutdown too: the run has already stopped for
+        # it, or has received every batch, so here it only means "kill the rest".
+        if not faults.is_helper_death(error):
+            raise
     for worker in workers:
         if worker.is_alive():
             worker.kill()
