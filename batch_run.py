@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ import outputs
 import report
 from explainer import ClassPlan, ExplainOptions, Explainer, Target, outputs_of
 from render_pool import InlineRenderer
-from utils import ImageEntry, LabelIndex, Preprocessing, load_rgb, prepare_image
+from utils import ImageEntry, LabelIndex, Preprocessing, crop_image, load_rgb
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,8 @@ class Distributed:
 # ----------------------------------------------------------------------------- images in
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decoded, preprocessed images; a file that fails to decode comes back as its error."""
+    """Decoded, resized and cropped images (uint8); a file that fails to decode comes back as
+    its error."""
 
     def __init__(self, entries: list[ImageEntry], preprocessing: Preprocessing) -> None:
         self.entries = entries
@@ -139,19 +140,37 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int):
         try:
-            shown, model_input = prepare_image(load_rgb(self.entries[position].path),
-                                               self.preprocessing)
+            shown = crop_image(load_rgb(self.entries[position].path), self.preprocessing)
         except Exception as error:  # any undecodable file is skipped, never fatal
-            return position, None, None, f"{type(error).__name__}: {error}"
-        return position, shown, torch.from_numpy(model_input), None
+            return position, None, f"{type(error).__name__}: {error}"
+        return position, shown, None
 
 
 def collate(items: list) -> dict:
-    good = [item for item in items if item[3] is None]
-    return {"positions": [item[0] for item in good],
-            "shown": [item[1] for item in good],
-            "inputs": torch.stack([item[2] for item in good]) if good else None,
-            "failed": [(item[0], item[3]) for item in items if item[3] is not None]}
+    """The batch's crops as one (B, H, W, 3) uint8 tensor, built in shared memory inside a
+    decode process, so it reaches the model process without another copy."""
+    good = [item for item in items if item[2] is None]
+    shown = None
+    if good:
+        shown = torch.empty((len(good),) + good[0][1].shape, dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            shown.share_memory_()
+        pixels = shown.numpy()
+        for b, item in enumerate(good):
+            pixels[b] = item[1]
+    return {"positions": [item[0] for item in good], "shown": shown,
+            "failed": [(item[0], item[2]) for item in items if item[2] is not None]}
+
+
+def model_inputs(shown: torch.Tensor, preprocessing: Preprocessing,
+                 device: torch.device) -> torch.Tensor:
+    """(B, H, W, 3) uint8 crops -> the (B, 3, H, W) float32 model input on ``device``:
+    (value / 255 - mean) / std, the same float32 operations as utils.prepare_image, so both
+    give the same bits (tests/test_batch_run.py checks it)."""
+    pixels = shown.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float32, device=device)[:, None, None]
+    std = torch.tensor(preprocessing.std, dtype=torch.float32, device=device)[:, None, None]
+    return pixels.div_(255.0).sub_(mean).div_(std)
 
 
 def make_loader(entries: list[ImageEntry], preprocessing: Preprocessing, batch_size: int,
@@ -169,6 +188,35 @@ def _decode_worker_init(worker_id: int) -> None:
     faults.die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _handed_over(batches) -> Iterator[dict]:
+    """The loader's batches. A decode process killed while it hands a batch over breaks the
+    connection its shared memory travels on; that is reported as the process's death, the
+    DataLoader's own error for it, once the process is seen to be gone."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (ConnectionError, EOFError) as error:
+            dead = _dead_decode_processes(batches)
+            if not dead:
+                raise
+            raise RuntimeError(f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) "
+                               f"exited unexpectedly") from error
+        yield batch
+
+
+def _dead_decode_processes(batches, wait: float = 2.0) -> list[int]:
+    """The pids of the loader's decode processes that have exited (waiting up to ``wait``
+    seconds for one that is still being torn down)."""
+    deadline = time.monotonic() + wait
+    while True:
+        dead = [w.pid for w in getattr(batches, "_workers", []) if not w.is_alive()]
+        if dead or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.05)
 
 
 def _close_loader(batches) -> None:
@@ -308,15 +356,15 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
     try:
         batches = iter(make_loader(mine, preprocessing, settings.batch_size, settings.workers,
                                    device))
-        for batch in batches:
+        for batch in _handed_over(batches):
             for position, error in batch["failed"]:
                 _skip(result, mine[position], f"not a readable image ({error})")
             progress.update(len(batch["failed"]))
-            if batch["inputs"] is None:
+            if batch["shown"] is None:
                 continue
-            inputs = batch["inputs"].to(device, non_blocking=True)
-            outcome = explainer.explain([mine[p] for p in batch["positions"]], batch["shown"],
-                                        inputs)
+            inputs = model_inputs(batch["shown"], preprocessing, device)
+            outcome = explainer.explain([mine[p] for p in batch["positions"]],
+                                        list(batch["shown"].numpy()), inputs)
             for entry, reason in outcome.failed:
                 _skip(result, entry, f"the model failed on it ({reason})")
             progress.update(len(outcome.failed))

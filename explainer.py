@@ -336,7 +336,7 @@ _OUT_OF_MEMORY = "out of memory"
 def quantise(maps: torch.Tensor) -> torch.Tensor:
     """[0, 1] maps as uint8 colour indices, on their own device (a quarter of the bytes to
     copy): exactly figures.overlay's np.clip(map * 255 + 0.5, 0, 255).astype(np.uint8)."""
-    return (maps.float() * 255.0 + 0.5).clamp_(0, 255).to(torch.uint8)
+    return maps.float().mul(255.0).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

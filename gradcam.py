@@ -110,10 +110,11 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     0 where it is zero, so an all-zero map stays zero and nothing is ever NaN.
     """
     flat = maps.flatten(-2)
-    low = flat.amin(dim=-1, keepdim=True)
-    high = flat.amax(dim=-1, keepdim=True)
+    low, high = torch.aminmax(flat, dim=-1, keepdim=True)
     span = high - low
     flat_range = span <= torch.finfo(maps.dtype).eps * high.abs()
+    if not flat_range.any():  # the usual case: the same values with fewer passes over maps
+        return (flat - low).div_(span).view_as(maps)
     scaled = (flat - low) / torch.where(flat_range, torch.ones_like(span), span)
     constant = (flat > 0).to(maps.dtype)
     return torch.where(flat_range, constant, scaled).view_as(maps)
@@ -262,8 +263,9 @@ def upsample_and_normalize(raw_maps: Sequence[torch.Tensor], size,
     ``shared=False`` stretches each map to [0, 1] on its own; ``shared=True`` uses one scale
     for the K maps of an image at a layer, so a weak map still looks weak beside a strong one.
     """
-    upsampled = torch.stack([F.interpolate(m, size=tuple(size), mode="bilinear",
-                                           align_corners=False) for m in raw_maps])
+    layers = [F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
+              for m in raw_maps]
+    upsampled = layers[0].unsqueeze(0) if len(layers) == 1 else torch.stack(layers)
     if not shared:
         return normalize_maps(upsampled)
     layers, batch, classes, height, width = upsampled.shape

@@ -1,8 +1,10 @@
 """Images in (listing, decoding, preprocessing) and labels (reading, matching names).
 
 Preprocessing is defined here: ``Preprocessing`` holds the resize, centre crop and normalisation
-a model expects, and ``prepare_image`` applies it. To change how images are prepared, pass a
-different ``Preprocessing`` (models.py picks one per model) or edit ``prepare_image``.
+a model expects; ``crop_image`` resizes and crops, and ``prepare_image`` also normalises (a batch
+run normalises on the model's device instead: batch_run.model_inputs, the same to the bit). To
+change how images are prepared, pass a different ``Preprocessing`` (models.py picks one per
+model) or edit these two.
 Colours are RGB everywhere.
 """
 
@@ -107,9 +109,10 @@ def load_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def prepare_image(image: Image.Image, preprocessing: Preprocessing
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """The image as the model sees it: (uint8 RGB crop (H, W, 3), float32 input (3, H, W))."""
+def crop_image(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
+    """The image as the model sees it, before normalisation: resized and centre-cropped,
+    (H, W, 3) uint8 RGB. This is what the decode processes hand over (a quarter of float32's
+    bytes); the model process normalises it on its own device."""
     resample = _PIL_FILTERS[preprocessing.interpolation]
     width, height = image.size
     scale = preprocessing.resize / min(width, height)
@@ -119,7 +122,17 @@ def prepare_image(image: Image.Image, preprocessing: Preprocessing
     left = (size[0] - preprocessing.crop) // 2
     top = (size[1] - preprocessing.crop) // 2
     crop = resized.crop((left, top, left + preprocessing.crop, top + preprocessing.crop))
-    shown = np.asarray(crop, dtype=np.uint8)
+    return np.asarray(crop, dtype=np.uint8)
+
+
+def prepare_image(image: Image.Image, preprocessing: Preprocessing
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The image as the model sees it: (uint8 RGB crop (H, W, 3), float32 input (3, H, W)).
+
+    The input is (value / 255 - mean) / std in float32, the operations of torchvision's
+    ToTensor and Normalize; batch_run.model_inputs does the same on a batch, to the bit.
+    """
+    shown = crop_image(image, preprocessing)
     mean = np.asarray(preprocessing.mean, dtype=np.float32)
     std = np.asarray(preprocessing.std, dtype=np.float32)
     model_input = ((shown.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
