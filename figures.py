@@ -119,12 +119,25 @@ def guided_to_rgb(guided: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class _Run:
     """A piece of a line drawn alone: its coverage, its bbox's vertical extent (26.6 fixed
-    point) and the pen position of its last glyph (pixels), which is the joining space."""
+    point) and the pen position of its last glyph, which is the joining space: whole pixels
+    and the 1/64 pixel phase left over."""
 
     coverage: np.ndarray
     y_max: int
     y_min: int
     space_pen: int
+    phase: int
+
+
+@dataclass(frozen=True)
+class _Tail:
+    """A line's part after its last space, cut from a line whose space pen had a given phase:
+    its columns from ``offset`` pixels right of the space's whole pixel, with the row of that
+    line's bbox top."""
+
+    coverage: np.ndarray
+    y_max: int
+    offset: int
 
 
 # Bidi classes that can reorder a line's glyphs across its spaces (right-to-left scripts,
@@ -163,6 +176,7 @@ class _TextPainter:
         self._render = functools.lru_cache(maxsize=4096)(self._render_line)
         self._run = functools.lru_cache(maxsize=8192)(self._run_uncached)
         self._widths: dict[str, int] = {}
+        self._tails: dict[tuple[int, str], _Tail | None] = {}
         self._digits_alike = self._digits_interchangeable()
 
     def _measure(self, text: str) -> int:
@@ -196,12 +210,39 @@ class _TextPainter:
         return width
 
     def _render_line(self, text: str) -> tuple[np.ndarray, int]:
-        """(coverage (h, w) uint8, baseline row) of one line."""
+        """(coverage (h, w) uint8, baseline row) of one line.
+
+        A title's label and probability repeat in other combinations, so a line is joined
+        from its part up to the last space and the part after it, each drawn once. The font
+        lays a line out additively, so the parts keep their glyphs' 1/64 pixel phases where
+        the space sits on a whole pixel. Where it does not, the part after the space is cut
+        from the font's own drawing of the line, checked, and kept for that phase.
+        """
         head, space, tail = text.rpartition(" ")
         if space and head and tail and _left_to_right(text):
-            joined = self._join(self._run(head + " "), self._run(" " + tail))
-            if joined is not None:
-                return joined
+            front, back = self._run(head + " "), self._run(" " + tail)
+            if front is not None and back is not None:
+                if front.phase == 0:
+                    joined = self._join(front, [(back.coverage, back.y_max, front.space_pen)],
+                                        back)
+                    if joined is not None:
+                        return joined
+                else:
+                    key = (front.phase, tail)
+                    cut = self._tails.get(key, False)
+                    if cut is None:
+                        return self._draw(text)
+                    if cut is not False:
+                        joined = self._join(
+                            front, [(cut.coverage, cut.y_max, front.space_pen + cut.offset)],
+                            back)
+                        if joined is not None:
+                            return joined
+                    line = self._draw(text)
+                    if len(self._tails) >= 65536:
+                        self._tails.clear()
+                    self._tails[key] = self._cut_tail(line, front, back)
+                    return line
         return self._draw(text)
 
     def _draw(self, text: str) -> tuple[np.ndarray, int]:
@@ -214,36 +255,51 @@ class _TextPainter:
     def _run_uncached(self, text: str) -> _Run | None:
         """``text`` (with a space at one end) drawn alone, or None where it cannot be joined."""
         positions = self._font.set_text(text, 0.0)
-        if self._font.get_bitmap_offset()[0] != 0 or np.any(positions[:, 0] % 64):
-            return None  # ink left of the pen's start, or a pen off the pixel grid
+        if self._font.get_bitmap_offset()[0] != 0 or len(positions) != len(text):
+            return None  # ink left of the pen's start, or glyphs shaped across characters
         self._font.draw_glyphs_to_bitmap(antialiased=True)
         descent = self._font.get_descent()
+        pen = int(positions[-1, 0])
         return _Run(np.array(self._font.get_image(), dtype=np.uint8),
                     y_max=self._font.get_width_height()[1] - descent, y_min=-descent,
-                    space_pen=int(positions[-1, 0]) // 64)
+                    space_pen=pen // 64, phase=pen % 64)
 
-    def _join(self, head: _Run | None, tail: _Run | None) -> tuple[np.ndarray, int] | None:
-        """The line ``head`` + ``tail`` (sharing the space between them), as the font would
-        draw it; None where the two overlap or reach outside it (then the font draws it).
+    def _cut_tail(self, line: tuple[np.ndarray, int], front: _Run, back: _Run) -> _Tail | None:
+        """The part of ``line`` right of ``front``'s ink, if the line is exactly ``front``
+        with that part beside it; else None."""
+        coverage, _ = line
+        inked = np.flatnonzero(front.coverage.any(axis=0))
+        column = max(int(inked[-1]) + 1 if inked.size else 0, front.space_pen)
+        cut = _Tail(coverage[:, column:].copy(), max(front.y_max, back.y_max),
+                    offset=column - front.space_pen)
+        rebuilt = self._join(front, [(cut.coverage, cut.y_max, column)], back)
+        if rebuilt is None or rebuilt[1] != line[1] or not np.array_equal(rebuilt[0], coverage):
+            return None
+        return cut
+
+    def _join(self, head: _Run, parts: list[tuple[np.ndarray, int, int]],
+              tail: _Run) -> tuple[np.ndarray, int] | None:
+        """The line ``head`` + ``parts`` (each: coverage, the bbox top its rows count from,
+        its first column), as the font would draw it; None where a part reaches outside it or
+        two parts ink one pixel (then the font draws it). ``tail`` is the run after the space, for the line's
+        vertical extent.
 
         The font places every glyph at a whole pixel: column = glyph left - bbox xMin (0 where
         the line has a space and no ink left of the pen), row = floor(bbox yMax) + 1 - glyph
         top, in a (yMax - yMin) / 64 + 2 by (xMax - xMin) / 64 + 2 image. So each part's pixels
         move by whole pixels into the line's image.
         """
-        if head is None or tail is None:
-            return None
         y_max, y_min = max(head.y_max, tail.y_max), min(head.y_min, tail.y_min)
         height = (y_max - y_min) // 64 + 2
-        width = max(head.coverage.shape[1], head.space_pen + tail.coverage.shape[1])
+        width = max([head.coverage.shape[1]] + [c + p.shape[1] for p, _, c in parts])
         line = np.zeros((height, width), dtype=np.uint8)
-        for run, column in ((head, 0), (tail, head.space_pen)):
-            row = y_max // 64 - run.y_max // 64
-            inside = run.coverage[:max(height - row, 0)]
-            if row < 0 or inside.sum() != run.coverage.sum():
+        for coverage, top, column in [(head.coverage, head.y_max, 0)] + parts:
+            row = y_max // 64 - top // 64
+            inside = coverage[:max(height - row, 0)]
+            if row < 0 or inside.sum() != coverage.sum():
                 return None
             region = line[row:row + inside.shape[0], column:column + inside.shape[1]]
-            if np.logical_and(region, inside).any():  # both parts ink one pixel
+            if np.logical_and(region, inside).any():  # two parts ink one pixel
                 return None
             region |= inside
         return line, height - int(round(-y_min / 64))

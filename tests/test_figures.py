@@ -141,6 +141,30 @@ def test_lines_joined_from_cached_parts_equal_the_fonts_own_drawing(figures_modu
         assert baseline == whole_baseline and np.array_equal(joined, whole), line
 
 
+def test_probability_parts_cut_at_a_space_off_the_pixel_grid_equal_the_fonts_drawing(
+        figures_module) -> None:
+    """Where a label ends off the pixel grid (kerning), the probability part is cut from the
+    font's drawing of a first line and joined to later labels ending at the same 1/64 pixel
+    phase: every ImageNet label's first name with four probabilities, drawn after the caches
+    are warm, equals the font's own line, and the cut parts are reused hundreds of times."""
+    from utils import default_labels
+    painter = figures_module._TextPainter(9, bold=False, dpi=100)
+    cut_lines = []
+    drawn = painter._draw
+    painter._draw = lambda text: cut_lines.append(text) or drawn(text)
+    lines = [f"{rank}. {label.split(',')[0]} {probability}"
+             for probability in ("4.0%", "37.7%", "0.0051%", "1.7e-59%")
+             for rank, label in zip(["1", "2", "3", "lowest:"] * 250, default_labels(1000))]
+    for line in lines:
+        joined, baseline = painter._render_line(line)
+        whole, whole_baseline = drawn(line)
+        assert baseline == whole_baseline and np.array_equal(joined, whole), line
+    fronts = [painter._run(line.rpartition(" ")[0] + " ") for line in lines]
+    off_grid = [front for front in fronts if front is not None and front.phase != 0]
+    assert len(off_grid) > 500
+    assert len(off_grid) - len(cut_lines) > 400  # joined from a part cut from another line
+
+
 def test_overlay_matches_the_float_blend_for_every_index_and_value(figures_module) -> None:
     """Every (colour index, image value) pair, per channel, equals the float32 formula."""
     lut = figures_module._jet_lut()
