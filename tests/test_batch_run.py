@@ -154,18 +154,10 @@ def test_skip_existing_redoes_only_what_is_missing(tmp_path: Path) -> None:
 
 
 def test_an_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path: Path, monkeypatch,
-                                                                capsys) -> None:
+                                                                capsys,
+                                                                interrupt_rendering) -> None:
     """Ctrl-C after two images: no temporary or truncated file; --skip_existing finishes."""
-    original = render_pool.render_image
-    written = []
-
-    def interrupt_after_two(job, *args, **kwargs):
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        original(job, *args, **kwargs)
-        written.append(job.index)
-
-    monkeypatch.setattr(render_pool, "render_image", interrupt_after_two)
+    original = interrupt_rendering(2)
     assert run_cli("--n_images", "all", "--save_dir", str(tmp_path), "--save_raw",
                    "--render_workers", "0") == 130
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]

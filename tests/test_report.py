@@ -224,19 +224,9 @@ def test_a_long_run_refreshes_the_report_as_it_goes(tmp_path, monkeypatch):
     assert embedded_data(tmp_path)["info"]["finished"] is True
 
 
-def test_a_stopped_run_reports_what_is_done_and_why(tmp_path, monkeypatch):
+def test_a_stopped_run_reports_what_is_done_and_why(tmp_path, interrupt_rendering):
     """Ctrl-C after two images: the page holds those two and says why the run stopped."""
-    import render_pool
-    original = render_pool.render_image
-    done = []
-
-    def interrupt_after_two(job, *args, **kwargs):
-        if len(done) == 2:
-            raise KeyboardInterrupt
-        original(job, *args, **kwargs)
-        done.append(job.index)
-
-    monkeypatch.setattr(render_pool, "render_image", interrupt_after_two)
+    interrupt_rendering(2)
     assert run_tool(tmp_path, "--render_workers", "0") == 130
     data = embedded_data(tmp_path)
     assert data["index"] == [0, 1]
