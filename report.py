@@ -216,11 +216,6 @@ def _judge(labels: list[str], folders: list[str], top: list[list[str]]):
         if folder:
             per_class.setdefault(folder, []).append((hit_1, hit_k,
                                                      predicted[0] if predicted else None))
-    if not top:
-        right = right_k = [-1] * len(folders)
-        for folder in folders:
-            if folder:
-                per_class.setdefault(folder, []).append((-1, -1, None))
     return right, right_k, per_class
 
 

@@ -168,6 +168,18 @@ def test_right_and_wrong_agree_with_the_printed_accuracy():
     assert by_class["tiger cat"][1:] == [1, 0.0, 0.0, "Egyptian cat", 1]
 
 
+def test_a_classes_run_counts_each_image_once_and_judges_none():
+    """With --classes the panels are not top-k predictions: nothing is judged, and the class
+    table counts every image of a folder once."""
+    header = outputs.summary_header(["class1", "class2"], ["layer1"], False)
+    rows = [[str(i), f"tabby/{i}.jpg", "tabby", "tabby", "0.5", "tripod", "0.1",
+             f"image{i}.jpg", "1", "1"] for i in range(2)]
+    info = report.ReportInfo("m", [("layer1", "conv")], "gradcam", 2, ["tabby", "tripod"])
+    data = report.page_data(header, rows, info)
+    assert data["right"] == [-1, -1] and data["right_k"] == [-1, -1]
+    assert data["classes"] == [["tabby", 2, None, None, None, 0]]
+
+
 def test_unknown_folders_are_not_judged_and_metrics_columns_are_found():
     header = outputs.summary_header(["top1", "top2", "top3", "lowest"], ["layer1"], True)
     row = (["0", "x.jpg", "", "cat", "nan", "dog", "0.2", "cow", "0.1", "ant", "0.0",
