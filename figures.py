@@ -146,8 +146,14 @@ _REORDERING = frozenset({"R", "AL", "AN", "RLE", "RLO", "RLI", "LRE", "LRO", "LR
                          "PDF", "PDI"})
 
 
-def _left_to_right(text: str) -> bool:
-    return text.isascii() or not any(unicodedata.bidirectional(c) in _REORDERING for c in text)
+def _joinable(text: str) -> bool:
+    """Whether a line may be drawn as parts: no right-to-left run, which can reorder glyphs
+    across a space, and no combining mark, whose shaping depends on the script of the
+    characters around it (so a part drawn alone can be shaped otherwise)."""
+    if text.isascii():
+        return True
+    return not any(unicodedata.bidirectional(c) in _REORDERING
+                   or unicodedata.category(c) in ("Mn", "Mc", "Me") for c in text)
 
 
 _DIGITS = "0123456789"
@@ -216,34 +222,27 @@ class _TextPainter:
         from its part up to the last space and the part after it, each drawn once. The font
         lays a line out additively, so the parts keep their glyphs' 1/64 pixel phases where
         the space sits on a whole pixel. Where it does not, the part after the space is cut
-        from the font's own drawing of the line, checked, and kept for that phase.
+        from the font's own drawing of the line, checked, and kept for that phase (None kept
+        where the check failed: such lines are always drawn whole).
         """
         head, space, tail = text.rpartition(" ")
-        if space and head and tail and _left_to_right(text):
-            front, back = self._run(head + " "), self._run(" " + tail)
-            if front is not None and back is not None:
-                if front.phase == 0:
-                    joined = self._join(front, [(back.coverage, back.y_max, front.space_pen)],
-                                        back)
-                    if joined is not None:
-                        return joined
-                else:
-                    key = (front.phase, tail)
-                    cut = self._tails.get(key, False)
-                    if cut is None:
-                        return self._draw(text)
-                    if cut is not False:
-                        joined = self._join(
-                            front, [(cut.coverage, cut.y_max, front.space_pen + cut.offset)],
-                            back)
-                        if joined is not None:
-                            return joined
-                    line = self._draw(text)
-                    if len(self._tails) >= 65536:
-                        self._tails.clear()
-                    self._tails[key] = self._cut_tail(line, front, back)
-                    return line
-        return self._draw(text)
+        if not (space and head and tail and _joinable(text)):
+            return self._draw(text)
+        front, back = self._run(head + " "), self._run(" " + tail)
+        if front is None or back is None:
+            return self._draw(text)
+        key = (front.phase, tail)
+        part = _Tail(back.coverage, back.y_max, 0) if front.phase == 0 else self._tails.get(key)
+        if part is not None:
+            joined = self._join(front, part, back)
+            if joined is not None:
+                return joined
+        line = self._draw(text)
+        if front.phase != 0 and (part is not None or key not in self._tails):
+            if len(self._tails) >= 65536:
+                self._tails.clear()
+            self._tails[key] = self._cut_tail(line, front, back)
+        return line
 
     def _draw(self, text: str) -> tuple[np.ndarray, int]:
         """The font's own rendering of a whole line."""
@@ -265,35 +264,42 @@ class _TextPainter:
                     space_pen=pen // 64, phase=pen % 64)
 
     def _cut_tail(self, line: tuple[np.ndarray, int], front: _Run, back: _Run) -> _Tail | None:
-        """The part of ``line`` right of ``front``'s ink, if the line is exactly ``front``
-        with that part beside it; else None."""
-        coverage, _ = line
+        """The part of ``line`` right of ``front``'s ink, if it holds all of the part after
+        the space and the line is exactly ``front`` with it beside; else None.
+
+        Drawn at a phase above 0, the part's ink lies no further left than drawn alone (at
+        phase 0, ``back``), so a cut that starts no later than that keeps all of it."""
+        coverage, baseline = line
         inked = np.flatnonzero(front.coverage.any(axis=0))
         column = max(int(inked[-1]) + 1 if inked.size else 0, front.space_pen)
+        back_inked = np.flatnonzero(back.coverage.any(axis=0))
+        if back_inked.size and column > front.space_pen + int(back_inked[0]):
+            return None
         cut = _Tail(coverage[:, column:].copy(), max(front.y_max, back.y_max),
                     offset=column - front.space_pen)
-        rebuilt = self._join(front, [(cut.coverage, cut.y_max, column)], back)
-        if rebuilt is None or rebuilt[1] != line[1] or not np.array_equal(rebuilt[0], coverage):
+        rebuilt = self._join(front, cut, back)
+        if rebuilt is None or rebuilt[1] != baseline or not np.array_equal(rebuilt[0], coverage):
             return None
         return cut
 
-    def _join(self, head: _Run, parts: list[tuple[np.ndarray, int, int]],
-              tail: _Run) -> tuple[np.ndarray, int] | None:
-        """The line ``head`` + ``parts`` (each: coverage, the bbox top its rows count from,
-        its first column), as the font would draw it; None where a part reaches outside it or
-        two parts ink one pixel (then the font draws it). ``tail`` is the run after the space, for the line's
-        vertical extent.
+    def _join(self, front: _Run, part: _Tail, back: _Run) -> tuple[np.ndarray, int] | None:
+        """The line ``front`` + ``part`` (placed ``part.offset`` pixels right of the space's
+        whole pixel), as the font would draw it; None where the part reaches outside it or
+        both ink one pixel (then the font draws it). ``back``, the run after the space drawn
+        alone, gives the line's vertical extent.
 
         The font places every glyph at a whole pixel: column = glyph left - bbox xMin (0 where
         the line has a space and no ink left of the pen), row = floor(bbox yMax) + 1 - glyph
         top, in a (yMax - yMin) / 64 + 2 by (xMax - xMin) / 64 + 2 image. So each part's pixels
         move by whole pixels into the line's image.
         """
-        y_max, y_min = max(head.y_max, tail.y_max), min(head.y_min, tail.y_min)
+        column = front.space_pen + part.offset
+        parts = [(front.coverage, front.y_max, 0), (part.coverage, part.y_max, column)]
+        y_max, y_min = max(front.y_max, back.y_max), min(front.y_min, back.y_min)
         height = (y_max - y_min) // 64 + 2
-        width = max([head.coverage.shape[1]] + [c + p.shape[1] for p, _, c in parts])
+        width = max(front.coverage.shape[1], column + part.coverage.shape[1])
         line = np.zeros((height, width), dtype=np.uint8)
-        for coverage, top, column in [(head.coverage, head.y_max, 0)] + parts:
+        for coverage, top, column in parts:
             row = y_max // 64 - top // 64
             inside = coverage[:max(height - row, 0)]
             if row < 0 or inside.sum() != coverage.sum():

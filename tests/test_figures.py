@@ -134,7 +134,8 @@ def test_lines_joined_from_cached_parts_equal_the_fonts_own_drawing(figures_modu
         probability = figures_module.format_probability(0.9 ** (i % 120))
         lines += [f"{i % 3 + 1}. {label.split(',')[0]} {probability}", label,
                   f"against {label.split(',')[0]} {probability} (peak {0.37 ** i:.3g})"]
-    lines += ["2. γάτα 12.5%", "кошка 0.0051%", "lowest: גמל 0.0051%"]  # the last: drawn whole
+    lines += ["2. γάτα 12.5%", "кошка 0.0051%", "lowest: גמל 0.0051%",  # right-to-left and
+              "3\u0301 x", "66\u0301 z", "café 4.0%"]  # combining marks: drawn whole
     for line in lines:
         joined, baseline = painter._render_line(line)
         whole, whole_baseline = painter._draw(line)
