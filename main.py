@@ -190,6 +190,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("give either --imageNet_labels or --labels_path, not both")
     if args.layer and args.conv2d_backcount:
         raise UsageError("give either --layer or --conv2d_backcount, not both")
+    if args.counterfactual and args.method == "scorecam":
+        raise UsageError("--counterfactual needs gradients; scorecam has none (pick another "
+                         "--method)")
+    if args.resize and args.crop and args.resize < args.crop:
+        raise UsageError(f"--resize {args.resize} is smaller than --crop {args.crop}: the "
+                         f"shorter side is resized first, then the centre crop is cut; give "
+                         f"--resize >= --crop")
     args.backcount_given = args.conv2d_backcount is not None
     args.conv2d_backcount = args.conv2d_backcount or [1]
     return args
@@ -443,14 +450,11 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
 
     dist = Distributed()
     device = pick_device(args.device, dist.local_rank)
-    if args.counterfactual and args.method == "scorecam":
-        raise UsageError("--counterfactual needs gradients; scorecam has none (pick another "
-                         "--method)")
     model, preprocessing = load_model(args.model_path, args.arch, args.trust_model)
     preprocessing = preprocessing_from_flags(preprocessing, args)
     model = model.eval().to(device)
-    example = torch.zeros(1, 3, preprocessing.crop, preprocessing.crop, device=device)
-    try:
+    try:  # an input too big for memory (--crop 100000) fails here too, in one line
+        example = torch.zeros(1, 3, preprocessing.crop, preprocessing.crop, device=device)
         layers, scores = layers_in_run_order(model, example)
     except Exception as error:
         raise UsageError(f"the model fails on a {preprocessing.crop}x{preprocessing.crop} RGB "
