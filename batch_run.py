@@ -168,9 +168,12 @@ def model_inputs(shown: torch.Tensor, preprocessing: Preprocessing,
     (value / 255 - mean) / std, the same float32 operations as utils.prepare_image, so both
     give the same bits (tests/test_batch_run.py checks it)."""
     pixels = shown.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
+    # A tensor on the device, not a Python number: CUDA turns division by a CPU scalar into
+    # multiplication by its reciprocal, which rounds differently.
+    full_scale = torch.full((), 255.0, dtype=torch.float32, device=device)
     mean = torch.tensor(preprocessing.mean, dtype=torch.float32, device=device)[:, None, None]
     std = torch.tensor(preprocessing.std, dtype=torch.float32, device=device)[:, None, None]
-    return pixels.div_(255.0).sub_(mean).div_(std)
+    return pixels.div_(full_scale).sub_(mean).div_(std)
 
 
 def make_loader(entries: list[ImageEntry], preprocessing: Preprocessing, batch_size: int,
