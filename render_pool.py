@@ -81,6 +81,19 @@ def render_image(job: ImageJob, writers: dict, show: bool = False) -> None:
                job.raw_maps, job.raw_path)
 
 
+def rendering_problem(job: ImageJob, writers: dict, who: str, show: bool = False
+                      ) -> Optional[str]:
+    """Render ``job``: None once its files are written, else why not, in one line. A figure
+    that cannot be drawn stops the run by name, in a render process or inline alike."""
+    try:
+        render_image(job, writers, show)
+    except faults.RunFault as fault:
+        return str(fault)
+    except Exception as error:
+        return f"{who} failed on {job.image_title} ({type(error).__name__}: {error})"
+    return None
+
+
 def _write(save, value, path: Path) -> None:
     try:
         save(value, path)
@@ -99,7 +112,9 @@ class InlineRenderer:
         self._finished: list[int] = []
 
     def submit(self, job: ImageJob) -> None:
-        render_image(job, self._writers, self.show)
+        problem = rendering_problem(job, self._writers, "drawing", self.show)
+        if problem is not None:
+            raise faults.RunFault(problem)
         self._finished.append(job.index)
 
     def take_finished(self) -> list[int]:
@@ -243,14 +258,7 @@ def _serve(jobs, done, stop, parent: int) -> None:
             continue
         if job is None:
             break
-        try:
-            render_image(job, writers)
-            done.put((job.index, None))
-        except faults.RunFault as fault:
-            done.put((job.index, str(fault)))
-        except Exception as error:  # a figure that cannot be drawn stops the run, by name
-            done.put((job.index, f"render process {os.getpid()} failed on {job.image_title} "
-                                 f"({type(error).__name__}: {error})"))
+        done.put((job.index, rendering_problem(job, writers, f"render process {os.getpid()}")))
 
 
 def start_renderer(workers: int, show: bool = False):

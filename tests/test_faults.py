@@ -255,6 +255,27 @@ def test_disk_full_injected_at_the_write(tiny_model: Path, images: Path, referen
     resume_and_compare(line, tmp_path, reference)
 
 
+def test_a_figure_that_cannot_be_drawn_stops_inline_as_in_a_render_process(
+        tiny_model: Path, images: Path, reference: Path, tmp_path: Path, monkeypatch) -> None:
+    """A bug in drawing one image's figure, in the main process (--render_workers 0): exit 3
+    and one line naming the image, as a render process reports it; no traceback."""
+    import render_pool
+    original = render_pool.render_image
+
+    def fail_on_the_third(job, *args, **kwargs):
+        if job.index == 2:
+            raise ValueError("cannot draw this")
+        original(job, *args, **kwargs)
+
+    monkeypatch.setattr(render_pool, "render_image", fail_on_the_third)
+    code, _, err = call(arguments(tiny_model, images, tmp_path, "--render_workers", "0"))
+    assert code == 3
+    line = fault_line(err)
+    assert "drawing failed on" in line and "(ValueError: cannot draw this)" in line
+    assert f"2 of {N_IMAGES} images done" in line
+    assert_clean_stop(tmp_path, reference)
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path: Path):
     """A 1 MB tmpfs (root only); skipped where one cannot be mounted."""
