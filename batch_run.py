@@ -195,8 +195,8 @@ def _decode_worker_init(worker_id: int) -> None:
 
 def _handed_over(batches) -> Iterator[dict]:
     """The loader's batches. A decode process killed while it hands a batch over breaks the
-    connection its shared memory travels on; that is reported as the process's death, the
-    DataLoader's own error for it, once the process is seen to be gone."""
+    connection its shared memory travels on, before the DataLoader notices the death; that is
+    reported as the process's death once it is seen to be gone."""
     while True:
         try:
             batch = next(batches)
@@ -206,8 +206,9 @@ def _handed_over(batches) -> Iterator[dict]:
             dead = _dead_decode_processes(batches)
             if not dead:
                 raise
-            raise RuntimeError(f"DataLoader worker (pid(s) {', '.join(map(str, dead))}) "
-                               f"exited unexpectedly") from error
+            raise faults.DecodeProcessDied(
+                f"process(es) {', '.join(map(str, dead))} exited while handing a batch "
+                f"over") from error
         yield batch
 
 

@@ -27,10 +27,22 @@ class RunFault(Exception):
     """A fault that stops the run: a write that failed, a helper process that died."""
 
 
+class DecodeProcessDied(RuntimeError):
+    """A decode process found dead where the DataLoader's own error did not say so: killed
+    while handing a batch over, which breaks the connection its shared memory travels on."""
+
+
+# The DataLoader's errors for a dead decode process, and for its pin-memory thread (CUDA),
+# which dies when the hand-over it was unpacking breaks.
+_LOADER_DEATHS = ("DataLoader worker", "Pin memory thread exited unexpectedly")
+
+
 def is_helper_death(error: BaseException) -> bool:
-    """The DataLoader's error for a decode process that died: raised in the model process
-    wherever it happens to be, so it is neither the model's fault nor a bug."""
-    return isinstance(error, RuntimeError) and "DataLoader worker" in str(error)
+    """A decode process died: raised in the model process wherever it happens to be, so it
+    is neither the model's fault nor a bug."""
+    if isinstance(error, DecodeProcessDied):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _LOADER_DEATHS)
 
 
 class Terminated(BaseException):

@@ -456,3 +456,15 @@ def test_a_model_raising_on_one_image_skips_only_that_image(images: Path, tmp_pa
         figures = header.index("figures")
         return {row[1]: row[2:figures] + row[figures + 1:] for row in rows}
     assert numbers(tmp_path / "out") == numbers(tmp_path / "clean")
+
+
+def test_what_counts_as_a_decode_process_death() -> None:
+    """The DataLoader's own errors, its pin-memory thread's (CUDA), and a hand-over broken
+    by a killed process; a model's own RuntimeError is not one."""
+    import faults
+    assert faults.is_helper_death(RuntimeError("DataLoader worker (pid(s) 7) exited "
+                                               "unexpectedly"))
+    assert faults.is_helper_death(RuntimeError("Pin memory thread exited unexpectedly"))
+    assert faults.is_helper_death(faults.DecodeProcessDied("process(es) 7 exited"))
+    assert not faults.is_helper_death(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not faults.is_helper_death(ConnectionResetError("reset by peer"))
