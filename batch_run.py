@@ -24,7 +24,7 @@ import outputs
 import report
 from explainer import ClassPlan, ExplainOptions, Explainer, Target, outputs_of
 from render_pool import InlineRenderer
-from utils import ImageEntry, LabelIndex, Preprocessing, crop_image, load_rgb
+from utils import ImageEntry, LabelIndex, Preprocessing, crop_image, load_rgb, normalise
 
 
 @dataclass(frozen=True)
@@ -160,20 +160,6 @@ def collate(items: list) -> dict:
             pixels[b] = item[1]
     return {"positions": [item[0] for item in good], "shown": shown,
             "failed": [(item[0], item[2]) for item in items if item[2] is not None]}
-
-
-def model_inputs(shown: torch.Tensor, preprocessing: Preprocessing,
-                 device: torch.device) -> torch.Tensor:
-    """(B, H, W, 3) uint8 crops -> the (B, 3, H, W) float32 model input on ``device``:
-    (value / 255 - mean) / std, the same float32 operations as utils.prepare_image, so both
-    give the same bits (tests/test_batch_run.py checks it)."""
-    pixels = shown.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
-    # A tensor on the device, not a Python number: CUDA turns division by a CPU scalar into
-    # multiplication by its reciprocal, which rounds differently.
-    full_scale = torch.full((), 255.0, dtype=torch.float32, device=device)
-    mean = torch.tensor(preprocessing.mean, dtype=torch.float32, device=device)[:, None, None]
-    std = torch.tensor(preprocessing.std, dtype=torch.float32, device=device)[:, None, None]
-    return pixels.div_(full_scale).sub_(mean).div_(std)
 
 
 def make_loader(entries: list[ImageEntry], preprocessing: Preprocessing, batch_size: int,
@@ -366,7 +352,7 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
             progress.update(len(batch["failed"]))
             if batch["shown"] is None:
                 continue
-            inputs = model_inputs(batch["shown"], preprocessing, device)
+            inputs = normalise(batch["shown"], preprocessing, device)
             outcome = explainer.explain([mine[p] for p in batch["positions"]],
                                         list(batch["shown"].numpy()), inputs)
             for entry, reason in outcome.failed:

@@ -1,10 +1,10 @@
 """Images in (listing, decoding, preprocessing) and labels (reading, matching names).
 
 Preprocessing is defined here: ``Preprocessing`` holds the resize, centre crop and normalisation
-a model expects; ``crop_image`` resizes and crops, and ``prepare_image`` also normalises (a batch
-run normalises on the model's device instead: batch_run.model_inputs, the same to the bit). To
-change how images are prepared, pass a different ``Preprocessing`` (models.py picks one per
-model) or edit these two.
+a model expects; ``crop_image`` resizes and crops (in the decode processes), ``normalise``
+scales a batch of crops on the model's device, and ``prepare_image`` does both for one image.
+To change how images are prepared, pass a different ``Preprocessing`` (models.py picks one per
+model) or edit ``crop_image`` and ``normalise``.
 Colours are RGB everywhere.
 """
 
@@ -127,16 +127,27 @@ def crop_image(image: Image.Image, preprocessing: Preprocessing) -> np.ndarray:
 
 def prepare_image(image: Image.Image, preprocessing: Preprocessing
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """The image as the model sees it: (uint8 RGB crop (H, W, 3), float32 input (3, H, W)).
-
-    The input is (value / 255 - mean) / std in float32, the operations of torchvision's
-    ToTensor and Normalize; batch_run.model_inputs does the same on a batch, to the bit.
-    """
+    """The image as the model sees it: (uint8 RGB crop (H, W, 3), float32 input (3, H, W))."""
+    import torch
     shown = crop_image(image, preprocessing)
-    mean = np.asarray(preprocessing.mean, dtype=np.float32)
-    std = np.asarray(preprocessing.std, dtype=np.float32)
-    model_input = ((shown.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)
-    return shown, np.ascontiguousarray(model_input)
+    model_input = normalise(torch.from_numpy(shown[None].copy()), preprocessing,
+                            torch.device("cpu"))
+    return shown, model_input[0].numpy()
+
+
+def normalise(shown, preprocessing: Preprocessing, device):
+    """(B, H, W, 3) uint8 crops (a torch tensor) -> the (B, 3, H, W) float32 model input on
+    ``device``: (value / 255 - mean) / std, torchvision's ToTensor and Normalize.
+
+    A batch run calls this in the model process, on the model's device. The divisor is a
+    tensor on the device, not a Python number: CUDA turns division by a CPU scalar into
+    multiplication by its reciprocal, which rounds differently from the CPU."""
+    import torch
+    pixels = shown.to(device, non_blocking=True).permute(0, 3, 1, 2).contiguous().float()
+    full_scale = torch.full((), 255.0, dtype=torch.float32, device=device)
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float32, device=device)[:, None, None]
+    std = torch.tensor(preprocessing.std, dtype=torch.float32, device=device)[:, None, None]
+    return pixels.div_(full_scale).sub_(mean).div_(std)
 
 
 # ----------------------------------------------------------------------------- labels

@@ -17,7 +17,7 @@ import main
 import render_pool
 from gradcam import conv_layers_in_run_order, grad_cam, top_and_lowest
 from models import load_model
-from utils import Preprocessing, list_images, load_rgb, prepare_image
+from utils import Preprocessing, list_images, load_rgb, normalise, prepare_image
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -279,14 +279,15 @@ def test_skipped_files_are_named_in_the_run_result(tmp_path: Path, monkeypatch) 
     Preprocessing(248, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")])
 def test_the_loader_gives_prepare_image_inputs_to_the_bit(preprocessing) -> None:
     """The decode processes hand over uint8 crops and the model process normalises them:
-    the same float32 bits as utils.prepare_image, for every pixel value and channel, and for
-    the real images of data/ through the DataLoader (two decode processes)."""
+    the bits of (value / 255 - mean) / std in numpy float32 for every pixel value and channel,
+    and for the real images of data/ through the DataLoader (two decode processes) the crops
+    and inputs of utils.prepare_image, which decodes in the model process."""
     every_value = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None, None], 3, axis=3)
     every_value = np.ascontiguousarray(np.broadcast_to(every_value, (1, 256, 256, 3)))
     mean = np.asarray(preprocessing.mean, dtype=np.float32)
     std = np.asarray(preprocessing.std, dtype=np.float32)
     expected = ((every_value.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
-    got = batch_run.model_inputs(torch.from_numpy(every_value), preprocessing,
+    got = normalise(torch.from_numpy(every_value), preprocessing,
                                  torch.device("cpu"))
     assert got.is_contiguous()
     np.testing.assert_array_equal(got.numpy(), expected)
@@ -296,7 +297,7 @@ def test_the_loader_gives_prepare_image_inputs_to_the_bit(preprocessing) -> None
                                    device=torch.device("cpu"))
     seen = 0
     for batch in loader:
-        inputs = batch_run.model_inputs(batch["shown"], preprocessing, torch.device("cpu"))
+        inputs = normalise(batch["shown"], preprocessing, torch.device("cpu"))
         for b, position in enumerate(batch["positions"]):
             shown, model_input = prepare_image(load_rgb(entries[position].path), preprocessing)
             np.testing.assert_array_equal(batch["shown"][b].numpy(), shown)

@@ -48,10 +48,10 @@ def test_cpu_and_cuda_agree_on_the_builtin_model(method: str) -> None:
 def test_inputs_normalised_on_cuda_equal_the_cpu_ones() -> None:
     """The batch run normalises uint8 crops on the model's device: on CUDA the float32
     division and subtraction are IEEE-rounded too, so every pixel value gives the CPU's bits."""
-    from batch_run import model_inputs
+    from utils import normalise
     _, preprocessing = load_model(None)
     every_value = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None, None], 3, axis=3)
     shown = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(every_value, (2, 256, 4, 3))))
-    on_cpu = model_inputs(shown, preprocessing, torch.device("cpu"))
-    on_cuda = model_inputs(shown, preprocessing, torch.device("cuda")).cpu()
+    on_cpu = normalise(shown, preprocessing, torch.device("cpu"))
+    on_cuda = normalise(shown, preprocessing, torch.device("cuda")).cpu()
     assert torch.equal(on_cpu, on_cuda)
