@@ -8,6 +8,7 @@ process takes every N-th image (by index), and the first process merges the summ
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -362,6 +363,7 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
                 pending[job.index] = _Pending(row, job.paths(), time.time_ns() - CLOCK_SLACK_NS)
                 renderer.submit(job)
                 log(renderer.take_finished())
+            _return_free_memory()
         renderer.flush()
         log(renderer.take_finished())
         aborting = False
@@ -379,6 +381,24 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
         summary_log.close()
     result.rows = summary_log.rows
     return result
+
+
+def _return_free_memory() -> None:
+    """glibc: give the heap's free pages back to the system once per batch. Without it the
+    model process's memory creeps up with the number of images (1.28x from 64 to 640 images,
+    measured); with it the run stays flat (1.06x). Forcing big buffers to mmap instead kept
+    it flat too, but made every large torch tensor on the CPU fault its pages in afresh: the
+    pipeline ran at 41 images/s against 87 with this (bench.py parts e and f)."""
+    try:
+        _libc().malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    import ctypes
+    return ctypes.CDLL(None)
 
 
 CLOCK_SLACK_NS = 1_000_000_000  # file times come from a coarser clock than time.time_ns()

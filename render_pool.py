@@ -151,7 +151,6 @@ class RenderPool:
                            for i in range(workers)]
         for process in self._processes:
             process.start()
-        _return_large_buffers_to_the_system()
 
     def hold_batches_of(self, batch_size: int) -> None:
         """Let a whole batch be in flight, so the model goes on to the next batch while this
@@ -226,22 +225,6 @@ class RenderPool:
             if process.exitcode is not None:
                 raise faults.RunFault(f"render process {process.pid} "
                                       f"{faults.describe_exit(process.exitcode)}")
-
-
-def _return_large_buffers_to_the_system() -> None:
-    """glibc: keep allocations of 128 KiB and more mmap()ed, so each job's buffers (pickled
-    on the queue's own thread) go back to the system when freed. glibc otherwise raises that
-    threshold after the first such free, and the model process's memory then creeps up with
-    the number of images (+15% from 64 to 640 images, measured), against flat without."""
-    import ctypes
-    import sys
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        m_mmap_threshold = -3
-        ctypes.CDLL(None).mallopt(m_mmap_threshold, 128 * 1024)
-    except (OSError, AttributeError):
-        pass
 
 
 def _serve(jobs, done, stop, parent: int) -> None:
