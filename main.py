@@ -128,8 +128,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(Conv2d layers with their backcount, transformer layers with the "
                              "grid they are explained on), then exit")
     parser.add_argument("--batch_size", type=positive_int, default=None,
-                        help=f"images per forward pass (default: {CPU_BATCH_SIZE} on CPU, "
-                             f"{GPU_BATCH_SIZE} on GPU)")
+                        help=f"images per forward pass (default: {CPU_BATCH_SIZE} on CPU and "
+                             f"MPS, {GPU_BATCH_SIZE} on CUDA)")
     parser.add_argument("--workers", type=non_negative_int, default=None,
                         help="processes decoding images while the model runs (default: cores - 1, "
                              "at most 8; 0 decodes in the main process)")
@@ -381,8 +381,10 @@ def make_save_dir(save_dir: str, save_raw: bool) -> Path:
         if save_raw:
             (path / "raw").mkdir(exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        try:  # some bytes, not an empty file: a full disk refuses them, not the name
+            probe.write_bytes(bytes(64 * 1024))
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as error:
         raise UsageError(f"--save_dir {save_dir}: cannot write there "
                          f"({error.strerror or error}); choose another folder") from None

@@ -305,6 +305,19 @@ def test_disk_full_on_a_real_tmpfs(tiny_model: Path, images: Path, reference: Pa
     resume_and_compare(line, save_dir, reference)
 
 
+def test_a_disk_already_full_is_one_line_and_exit_2(tiny_model: Path, images: Path,
+                                                    small_tmpfs: Path) -> None:
+    """Nothing can be written at all: refused before the run starts, in one line."""
+    with open(small_tmpfs / "filler", "wb", buffering=0) as filler:
+        with contextlib.suppress(OSError):
+            while True:
+                filler.write(bytes(4096))
+    code, _, err = call(arguments(tiny_model, images, small_tmpfs / "out"))
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().endswith("cannot write there (No space left on device); choose another "
+                                "folder")
+
+
 # ----------------------------------------------------------------------------- 2. signals
 
 def test_sigterm_stops_cleanly_and_resumes(tiny_model: Path, images: Path, reference: Path,
