@@ -323,8 +323,8 @@ def preprocessing_from_flags(base, args: argparse.Namespace):
 
     --crop alone scales the resize with it, keeping the model's resize/crop ratio."""
     from dataclasses import replace
-    crop = args.crop or base.crop
-    resize = args.resize or (round(crop * base.resize / base.crop) if args.crop else base.resize)
+    scaled = base.with_crop(args.crop) if args.crop else base
+    crop, resize = scaled.crop, args.resize or scaled.resize
     if resize < crop:
         raise UsageError(f"--resize {resize} is smaller than the crop {crop}: the shorter side "
                          f"is resized first, then a {crop}x{crop} centre crop is cut; give "

@@ -22,7 +22,6 @@ import re
 import sys
 import zipfile
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -119,14 +118,12 @@ def _torchvision_preprocessing(name: str, model: nn.Module | None = None) -> Pre
     if isinstance(size, int) and chosen.transforms().crop_size[0] != size:
         chosen = next((w for w in weights if w.transforms().crop_size[0] == size), chosen)
     transform = chosen.transforms()
-    if isinstance(size, int) and transform.crop_size[0] != size:  # no weights of that size
-        return Preprocessing(resize=round(size * transform.resize_size[0]
-                                          / transform.crop_size[0]), crop=size,
-                             mean=tuple(transform.mean), std=tuple(transform.std),
-                             interpolation=transform.interpolation.value)
-    return Preprocessing(resize=transform.resize_size[0], crop=transform.crop_size[0],
-                         mean=tuple(transform.mean), std=tuple(transform.std),
-                         interpolation=transform.interpolation.value)
+    preprocessing = Preprocessing(resize=transform.resize_size[0], crop=transform.crop_size[0],
+                                  mean=tuple(transform.mean), std=tuple(transform.std),
+                                  interpolation=transform.interpolation.value)
+    if isinstance(size, int) and preprocessing.crop != size:  # no weights of that size
+        return preprocessing.with_crop(size)
+    return preprocessing
 
 
 def _torchvision_pretrained(name: str) -> tuple[nn.Module, Preprocessing]:
@@ -155,9 +152,7 @@ def whole_model_preprocessing(model: nn.Module) -> Preprocessing:
         return from_timm
     size = getattr(model, "image_size", None)  # a ViT of another size: crop to that size
     if isinstance(size, int) and size != IMAGENET_PREPROCESSING.crop:
-        return replace(IMAGENET_PREPROCESSING, crop=size,
-                       resize=round(size * IMAGENET_PREPROCESSING.resize
-                                    / IMAGENET_PREPROCESSING.crop))
+        return IMAGENET_PREPROCESSING.with_crop(size)
     return IMAGENET_PREPROCESSING
 
 

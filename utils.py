@@ -11,7 +11,7 @@ Colours are RGB everywhere.
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,10 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
+
+    def with_crop(self, crop: int) -> "Preprocessing":
+        """The same preprocessing for another crop size, the resize scaled with it."""
+        return replace(self, crop=crop, resize=round(crop * self.resize / self.crop))
 
 
 IMAGENET_PREPROCESSING = Preprocessing(resize=256, crop=224, mean=(0.485, 0.456, 0.406),
