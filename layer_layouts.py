@@ -165,8 +165,8 @@ class LayoutTracer:
         if evidence:
             layout = _reading(evidence.pop(), shape)
             return layout if self._fits(layout.grid) else None
-        fitting = [_reading(kind, shape) for kind in (CHANNELS_FIRST, CHANNELS_LAST)
-                   if _reading(kind, shape).grid in self.known_grids]
+        readings = [_reading(kind, shape) for kind in (CHANNELS_FIRST, CHANNELS_LAST)]
+        fitting = [layout for layout in readings if layout.grid in self.known_grids]
         return fitting[0] if len(fitting) == 1 else None
 
     @staticmethod
@@ -265,9 +265,15 @@ def is_patch_embedding(layers: list, conv) -> bool:
     module = conv.module
     if tuple(module.kernel_size) != tuple(module.stride):
         return False
-    after = layers[[layer.name for layer in layers].index(conv.name) + 1:]
+    after = _layers_after(layers, conv)
     return any(layer.layout is not None and layer.layout.kind in (TOKENS, CHANNELS_LAST)
                for layer in after)
+
+
+def _layers_after(layers: list, layer) -> list:
+    """The layers that run after ``layer``."""
+    position = next(i for i, other in enumerate(layers) if other is layer)
+    return layers[position + 1:]
 
 
 def transformer_default(layers: list):
@@ -282,7 +288,7 @@ def transformer_default(layers: list):
     convs = [layer for layer in layers if layer.is_conv]
     if not convs or not is_patch_embedding(layers, convs[-1]):
         return None
-    after = layers[[layer.name for layer in layers].index(convs[-1].name) + 1:]
+    after = _layers_after(layers, convs[-1])
     with_class_token = [layer for layer in after if layer.layout is not None
                         and layer.layout.kind == TOKENS and layer.layout.special > 0]
     if with_class_token:
