@@ -263,9 +263,9 @@ def upsample_and_normalize(raw_maps: Sequence[torch.Tensor], size,
     ``shared=False`` stretches each map to [0, 1] on its own; ``shared=True`` uses one scale
     for the K maps of an image at a layer, so a weak map still looks weak beside a strong one.
     """
-    layers = [F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
-              for m in raw_maps]
-    upsampled = layers[0].unsqueeze(0) if len(layers) == 1 else torch.stack(layers)
+    per_layer = [F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
+                 for m in raw_maps]
+    upsampled = per_layer[0].unsqueeze(0) if len(per_layer) == 1 else torch.stack(per_layer)
     if not shared:
         return normalize_maps(upsampled)
     layers, batch, classes, height, width = upsampled.shape
