@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -23,9 +22,11 @@ from torch import nn
 import faults
 import outputs
 import report
+from distributed import Distributed
 from explainer import ClassPlan, ExplainOptions, Explainer, Target, outputs_of
+from image_loader import close_loader, handed_over, make_loader
 from render_pool import InlineRenderer
-from utils import ImageEntry, LabelIndex, Preprocessing, crop_image, load_rgb, normalise
+from utils import ImageEntry, LabelIndex, Preprocessing, normalise
 
 
 @dataclass(frozen=True)
@@ -61,172 +62,6 @@ class RunResult:
     resumed: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)
     stop: Optional[BaseException] = None
-
-
-# ----------------------------------------------------------------------------- distribution
-
-class Distributed:
-    """The process group torchrun sets up (a single process when there is none)."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
-        self.active = self.world > 1
-
-    def start(self, device: torch.device) -> None:
-        if not self.active:
-            return
-        import torch.distributed as dist
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
-        if device.type == "cpu":  # share the cores instead of oversubscribing them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world))
-
-    def barrier(self) -> None:
-        """Wait for every process, polling, so that a stop signal still gets through while a
-        slower process finishes its share, and a lost process is an error, not a hang."""
-        if not self.active:
-            return
-        import torch.distributed as dist
-        try:
-            work = dist.barrier(async_op=True)
-            while not work.is_completed():
-                time.sleep(0.05)
-            work.wait()
-        except RuntimeError as error:
-            raise faults.RunFault(f"lost another process of the torchrun run "
-                                  f"({str(error).splitlines()[0]})") from None
-
-    def gather(self, value):
-        """Every process's ``value``, in rank order (on every process); all are at hand."""
-        if not self.active:
-            return [value]
-        import torch.distributed as dist
-        self.barrier()
-        values = [None] * self.world
-        try:
-            dist.all_gather_object(values, value)
-        except RuntimeError as error:
-            raise faults.RunFault(f"lost another process of the torchrun run "
-                                  f"({str(error).splitlines()[0]})") from None
-        return values
-
-    def stop(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-    @property
-    def leader(self) -> bool:
-        return self.rank == 0
-
-
-# ----------------------------------------------------------------------------- images in
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Decoded, resized and cropped images (uint8); a file that fails to decode comes back as
-    its error."""
-
-    def __init__(self, entries: list[ImageEntry], preprocessing: Preprocessing) -> None:
-        self.entries = entries
-        self.preprocessing = preprocessing
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, position: int):
-        try:
-            shown = crop_image(load_rgb(self.entries[position].path), self.preprocessing)
-        except Exception as error:  # any undecodable file is skipped, never fatal
-            return position, None, f"{type(error).__name__}: {error}"
-        return position, shown, None
-
-
-def collate(items: list) -> dict:
-    """The batch's crops as one (B, H, W, 3) uint8 tensor, built in shared memory inside a
-    decode process, so it reaches the model process without another copy."""
-    good = [item for item in items if item[2] is None]
-    shown = None
-    if good:
-        shown = torch.empty((len(good),) + good[0][1].shape, dtype=torch.uint8)
-        if torch.utils.data.get_worker_info() is not None:
-            shown.share_memory_()
-        pixels = shown.numpy()
-        for b, item in enumerate(good):
-            pixels[b] = item[1]
-    return {"positions": [item[0] for item in good], "shown": shown,
-            "failed": [(item[0], item[2]) for item in items if item[2] is not None]}
-
-
-def make_loader(entries: list[ImageEntry], preprocessing: Preprocessing, batch_size: int,
-                workers: int, device: torch.device) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        ImageDataset(entries, preprocessing), batch_size=batch_size, shuffle=False,
-        num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
-        prefetch_factor=2 if workers > 0 else None,
-        worker_init_fn=_decode_worker_init if workers > 0 else None)
-
-
-def _decode_worker_init(worker_id: int) -> None:
-    """A decode process ignores the terminal's Ctrl-C and a SIGTERM sent to the whole group
-    (the model process stops it), and dies with the model process, so none is left behind."""
-    faults.die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _handed_over(batches) -> Iterator[dict]:
-    """The loader's batches. A decode process killed while it hands a batch over breaks the
-    connection its shared memory travels on, before the DataLoader notices the death; that is
-    reported as the process's death once it is seen to be gone."""
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except (ConnectionError, EOFError) as error:
-            dead = _dead_decode_processes(batches)
-            if not dead:
-                raise
-            raise faults.DecodeProcessDied(
-                f"process(es) {', '.join(map(str, dead))} exited while handing a batch "
-                f"over") from error
-        yield batch
-
-
-def _dead_decode_processes(batches, wait: float = 2.0) -> list[int]:
-    """The pids of the loader's decode processes that have exited (waiting up to ``wait``
-    seconds for one that is still being torn down)."""
-    deadline = time.monotonic() + wait
-    while True:
-        dead = [w.pid for w in getattr(batches, "_workers", []) if not w.is_alive()]
-        if dead or time.monotonic() > deadline:
-            return dead
-        time.sleep(0.05)
-
-
-def _close_loader(batches) -> None:
-    """Stop the decode processes now (the DataLoader's own shutdown), killing any that hang."""
-    if batches is None or not hasattr(batches, "_shutdown_workers"):
-        return
-    workers = list(getattr(batches, "_workers", []))
-    try:
-        batches._shutdown_workers()
-    except RuntimeError as error:
-        # A worker that died (or was killed) reports it through the DataLoader's SIGCHLD
-        # handler, which may fire during this shutdown too: the run has already stopped for
-        # it, or has received every batch, so here it only means "kill the rest".
-        if not faults.is_helper_death(error):
-            raise
-    for worker in workers:
-        if worker.is_alive():
-            worker.kill()
-            worker.join(1.0)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -347,7 +182,7 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
     try:
         batches = iter(make_loader(mine, preprocessing, settings.batch_size, settings.workers,
                                    device))
-        for batch in _handed_over(batches):
+        for batch in handed_over(batches):
             for position, error in batch["failed"]:
                 _skip(result, mine[position], f"not a readable image ({error})")
             progress.update(len(batch["failed"]))
@@ -372,7 +207,7 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
         if result.stop is None:
             raise
     finally:
-        _close_loader(batches)
+        close_loader(batches)
         renderer.close(abort=aborting)
         if result.stop is not None:
             with contextlib.suppress(faults.RunFault):

@@ -445,7 +445,8 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
     import torch
 
     import faults
-    from batch_run import Distributed, RunSettings, finish, run_batches
+    from batch_run import RunSettings, finish, run_batches
+    from distributed import Distributed
     from explainer import ExplainOptions
     from gradcam import layers_in_run_order
     from models import load_model

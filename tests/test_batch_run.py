@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import batch_run
+import image_loader
 import main
 import render_pool
 from gradcam import conv_layers_in_run_order, grad_cam, top_and_lowest
@@ -293,7 +294,7 @@ def test_the_loader_gives_prepare_image_inputs_to_the_bit(preprocessing) -> None
     np.testing.assert_array_equal(got.numpy(), expected)
 
     entries = list_images(DATA)
-    loader = batch_run.make_loader(entries, preprocessing, batch_size=2, workers=2,
+    loader = image_loader.make_loader(entries, preprocessing, batch_size=2, workers=2,
                                    device=torch.device("cpu"))
     seen = 0
     for batch in loader:

@@ -1,0 +1,120 @@
+"""Images in: decode processes that read, resize and crop each image and hand over batches.
+
+A DataLoader's worker processes decode the images; each batch reaches the model process as one
+(B, H, W, 3) uint8 tensor in shared memory (a quarter of float32's bytes), and the model
+process normalises it on its device (``utils.normalise``). A file that cannot be decoded comes
+back as its error, to be skipped by name. A decode process that dies is reported as such, and
+none is left behind when the run ends.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Iterator
+
+import torch
+
+import faults
+from utils import ImageEntry, Preprocessing, crop_image, load_rgb
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Decoded, resized and cropped images (uint8); a file that fails to decode comes back as
+    its error."""
+
+    def __init__(self, entries: list[ImageEntry], preprocessing: Preprocessing) -> None:
+        self.entries = entries
+        self.preprocessing = preprocessing
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, position: int):
+        try:
+            shown = crop_image(load_rgb(self.entries[position].path), self.preprocessing)
+        except Exception as error:  # any undecodable file is skipped, never fatal
+            return position, None, f"{type(error).__name__}: {error}"
+        return position, shown, None
+
+
+def collate(items: list) -> dict:
+    """The batch's crops as one (B, H, W, 3) uint8 tensor, built in shared memory inside a
+    decode process, so it reaches the model process without another copy."""
+    good = [item for item in items if item[2] is None]
+    shown = None
+    if good:
+        shown = torch.empty((len(good),) + good[0][1].shape, dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            shown.share_memory_()
+        pixels = shown.numpy()
+        for b, item in enumerate(good):
+            pixels[b] = item[1]
+    return {"positions": [item[0] for item in good], "shown": shown,
+            "failed": [(item[0], item[2]) for item in items if item[2] is not None]}
+
+
+def make_loader(entries: list[ImageEntry], preprocessing: Preprocessing, batch_size: int,
+                workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        ImageDataset(entries, preprocessing), batch_size=batch_size, shuffle=False,
+        num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers > 0 else None,
+        worker_init_fn=_decode_worker_init if workers > 0 else None)
+
+
+def _decode_worker_init(worker_id: int) -> None:
+    """A decode process ignores the terminal's Ctrl-C and a SIGTERM sent to the whole group
+    (the model process stops it), and dies with the model process, so none is left behind."""
+    faults.die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def handed_over(batches) -> Iterator[dict]:
+    """The loader's batches. A decode process killed while it hands a batch over breaks the
+    connection its shared memory travels on, before the DataLoader notices the death; that is
+    reported as the process's death once it is seen to be gone."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (ConnectionError, EOFError) as error:
+            dead = dead_decode_processes(batches)
+            if not dead:
+                raise
+            raise faults.DecodeProcessDied(
+                f"process(es) {', '.join(map(str, dead))} exited while handing a batch "
+                f"over") from error
+        yield batch
+
+
+def dead_decode_processes(batches, wait: float = 2.0) -> list[int]:
+    """The pids of the loader's decode processes that have exited (waiting up to ``wait``
+    seconds for one that is still being torn down)."""
+    deadline = time.monotonic() + wait
+    while True:
+        dead = [w.pid for w in getattr(batches, "_workers", []) if not w.is_alive()]
+        if dead or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.05)
+
+
+def close_loader(batches) -> None:
+    """Stop the decode processes now (the DataLoader's own shutdown), killing any that hang."""
+    if batches is None or not hasattr(batches, "_shutdown_workers"):
+        return
+    workers = list(getattr(batches, "_workers", []))
+    try:
+        batches._shutdown_workers()
+    except RuntimeError as error:
+        # A worker that died (or was killed) reports it through the DataLoader's SIGCHLD
+        # handler, which may fire during this shutdown too: the run has already stopped for
+        # it, or has received every batch, so here it only means "kill the rest".
+        if not faults.is_helper_death(error):
+            raise
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(1.0)
