@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from title_text import TextPainter
+
 REFERENCES = Path(__file__).resolve().parent / "figures"
 
 RANKS = ["1. tiger cat 38.1%", "2. tabby 20.4%", "3. Egyptian cat 12.9%",
@@ -114,7 +116,7 @@ def test_repeated_titles_with_other_probabilities_still_match(figures_module) ->
 
 def test_digit_free_width_keys_keep_the_font_width(figures_module) -> None:
     """The width cache's key (inner digits read 0) measures the same as the text itself."""
-    painter = figures_module._TextPainter(9, bold=False, dpi=100)
+    painter = TextPainter(9, bold=False, dpi=100)
     assert painter._digits_alike
     texts = ["1. tiger cat 38.1%", "lowest: African hunting dog 6.6e-05%", "1.000)",
              "(peak 0.0123)", "9%", "x7y", "27.3% (peak 4.56e-06)", "γάτα 12.5%", "7 a 1",
@@ -128,7 +130,7 @@ def test_lines_joined_from_cached_parts_equal_the_fonts_own_drawing(figures_modu
     space: for real labels (every 7th ImageNet label, whole and first name), with ranks,
     probabilities and peaks, the pixels and baseline equal the font's drawing of the line."""
     from utils import default_labels
-    painter = figures_module._TextPainter(9, bold=False, dpi=100)
+    painter = TextPainter(9, bold=False, dpi=100)
     lines = []
     for i, label in enumerate(default_labels(1000)[::7]):
         probability = figures_module.format_probability(0.9 ** (i % 120))
@@ -149,7 +151,7 @@ def test_probability_parts_cut_at_a_space_off_the_pixel_grid_equal_the_fonts_dra
     phase: every ImageNet label's first name with four probabilities, drawn after the caches
     are warm, equals the font's own line, and the cut parts are reused hundreds of times."""
     from utils import default_labels
-    painter = figures_module._TextPainter(9, bold=False, dpi=100)
+    painter = TextPainter(9, bold=False, dpi=100)
     cut_lines = []
     drawn = painter._draw
     painter._draw = lambda text: cut_lines.append(text) or drawn(text)
