@@ -8,10 +8,24 @@ from __future__ import annotations
 
 import os
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 import faults
+
+if TYPE_CHECKING:
+    import torch
+
+
+def cores_per_process() -> int:
+    """The cores this process may use: those the system lets it run on (a container's or a
+    batch job's share, not the whole machine's), split evenly between the torchrun processes
+    on this machine. Imports no torch, so the command line can size its helpers early."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        cores = os.cpu_count() or 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return max(1, cores // max(1, local_world))
 
 
 class Distributed:
@@ -27,13 +41,14 @@ class Distributed:
     def start(self, device: torch.device) -> None:
         if not self.active:
             return
+        import torch
         import torch.distributed as dist
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
         if device.type == "cpu":  # share the cores instead of oversubscribing them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.local_world))
+            torch.set_num_threads(cores_per_process())
 
     def barrier(self) -> None:
         """Wait for every process, polling, so that a stop signal still gets through while a

@@ -131,8 +131,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f"images per forward pass (default: {CPU_BATCH_SIZE} on CPU and "
                              f"MPS, {GPU_BATCH_SIZE} on CUDA)")
     parser.add_argument("--workers", type=non_negative_int, default=None,
-                        help="processes decoding images while the model runs (default: cores - 1, "
-                             "at most 8; 0 decodes in the main process)")
+                        help="processes decoding images while the model runs (default: half the "
+                             "cores this process may use, at most 8; 0 decodes in the main "
+                             "process)")
     parser.add_argument("--render_workers", type=non_negative_int, default=None,
                         help="processes composing and writing the figures (default: the cores "
                              "left after --workers and the model, at least 1 and at most 8; 0 "
@@ -392,19 +393,19 @@ def make_save_dir(save_dir: str, save_raw: bool) -> Path:
 
 
 def default_workers() -> int:
-    """Decoding processes: leave one core to the model, use at most 8."""
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+    """Decode processes: half of this process's cores (see ``cores_per_process``), at most 8;
+    the model and the render processes share the rest."""
+    from distributed import cores_per_process
+    return min(8, cores_per_process() // 2)
 
 
 def default_render_workers(n_images: int, decode_workers: int) -> int:
-    """Render processes: the cores left after decoding and the model (each torchrun process
-    counts its share of the machine's cores), at least 1 and at most 8; none for a single
-    image, where starting a process costs more than it saves."""
+    """Render processes: the cores left after decoding and the model, at least 1 and at most
+    8; none for a single image, where starting a process costs more than it saves."""
+    from distributed import cores_per_process
     if n_images <= 1:
         return 0
-    local_world = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    cores = max(1, (os.cpu_count() or 1) // local_world)
-    return max(1, min(8, cores - 1 - decode_workers))
+    return max(1, min(8, cores_per_process() - 1 - decode_workers))
 
 
 def run_signature(args: argparse.Namespace, targets: list, options, n_images: int,
