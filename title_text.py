@@ -10,9 +10,12 @@ either side of its last space, joined only where the join is exactly the font's 
 from __future__ import annotations
 
 import functools
+import itertools
 import re
+import string
 import unicodedata
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -84,6 +87,8 @@ class TextPainter:
         self._run = functools.lru_cache(maxsize=8192)(self._run_uncached)
         self._widths: dict[str, int] = {}
         self._tails: dict[tuple[int, str], _Tail | None] = {}
+        self._probes: dict[int, str | None] = {}
+        self._kerned: dict[int, list[str]] | None = None
         self._digits_alike = self._digits_interchangeable()
 
     def _measure(self, text: str) -> int:
@@ -123,8 +128,9 @@ class TextPainter:
         from its part up to the last space and the part after it, each drawn once. The font
         lays a line out additively, so the parts keep their glyphs' 1/64 pixel phases where
         the space sits on a whole pixel. Where it does not, the part after the space is cut
-        from the font's own drawing of the line, checked, and kept for that phase (None kept
-        where the check failed: such lines are always drawn whole).
+        from the font's drawing of a short probe line whose space has the same phase (or,
+        failing that, of the line itself), checked, and kept for that phase (None kept where
+        the line's own check failed: such lines are always drawn whole).
         """
         head, space, tail = text.rpartition(" ")
         if not (space and head and tail and _joinable(text)):
@@ -133,17 +139,65 @@ class TextPainter:
         if front is None or back is None:
             return self._draw(text)
         key = (front.phase, tail)
-        part = _Tail(back.coverage, back.y_max, 0) if front.phase == 0 else self._tails.get(key)
+        if front.phase == 0:
+            part = _Tail(back.coverage, back.y_max, 0)
+        else:
+            part = self._tails.get(key)
+            if part is None and key not in self._tails:
+                part = self._tail_from_probe(front.phase, tail, back)
+                if part is not None:
+                    self._keep_tail(key, part)
         if part is not None:
             joined = self._join(front, part, back)
             if joined is not None:
                 return joined
         line = self._draw(text)
         if front.phase != 0 and (part is not None or key not in self._tails):
-            if len(self._tails) >= 65536:
-                self._tails.clear()
-            self._tails[key] = self._cut_tail(line, front, back)
+            self._keep_tail(key, self._cut_tail(line, front, back))
         return line
+
+    def _keep_tail(self, key: tuple[int, str], part: _Tail | None) -> None:
+        if len(self._tails) >= 65536:
+            self._tails.clear()
+        self._tails[key] = part
+
+    def _tail_from_probe(self, phase: int, tail: str, back: _Run) -> _Tail | None:
+        """The part ``tail`` as drawn after a space of ``phase``, cut from a probe line (a
+        kerned pair or two, a space, ``tail``): a third of a title's glyphs to draw."""
+        probe = self._probe_head(phase)
+        if probe is None:
+            return None
+        return self._cut_tail(self._draw(f"{probe} {tail}"), self._run(probe + " "), back)
+
+    def _probe_head(self, phase: int) -> str | None:
+        """A short text whose run ends in a space at ``phase``/64 pixel: one kerned pair, or
+        two apart, checked with the font; None where no candidate gives that phase."""
+        if phase not in self._probes:
+            candidates = itertools.islice(self._probe_candidates(phase), 8)
+            self._probes[phase] = next(
+                (text for text in candidates
+                 if (run := self._run(text + " ")) is not None and run.phase == phase), None)
+        return self._probes[phase]
+
+    def _probe_candidates(self, phase: int) -> Iterator[str]:
+        """Texts whose kerning adds up to ``phase`` (mod 64): first single pairs, then two."""
+        if self._kerned is None:
+            self._kerned = self._kerned_pairs()
+        yield from self._kerned.get(phase, [])[:3]
+        for first, pairs in self._kerned.items():
+            for second in self._kerned.get((phase - first) % 64, [])[:1]:
+                yield f"{pairs[0]} {second}"
+
+    def _kerned_pairs(self) -> dict[int, list[str]]:
+        """Letter pairs the font kerns, by the 1/64 pixel phase their kerning leaves."""
+        from matplotlib.ft2font import Kerning
+        index = {c: self._font.get_char_index(ord(c)) for c in string.ascii_letters}
+        pairs: dict[int, list[str]] = {}
+        for left, right in itertools.product(string.ascii_letters, repeat=2):
+            kerning = self._font.get_kerning(index[left], index[right], Kerning.UNFITTED)
+            if kerning % 64:
+                pairs.setdefault(kerning % 64, []).append(left + right)
+        return pairs
 
     def _draw(self, text: str) -> tuple[np.ndarray, int]:
         """The font's own rendering of a whole line."""
