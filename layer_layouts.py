@@ -31,6 +31,7 @@ exactly the CAM at that layer.
 from __future__ import annotations
 
 import math
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -54,15 +55,12 @@ _CHANNELS_FIRST_TYPES: tuple[type, ...] = (
 _LAST_AXIS_TYPES: tuple[type, ...] = (nn.Linear,)
 
 
-def _permute_types() -> tuple[type, ...]:
-    try:
-        from torchvision.ops.misc import Permute
-    except ImportError:  # torchvision is optional for the engine
-        return ()
-    return (Permute,)
-
-
-_PERMUTE_TYPES = _permute_types()
+def _is_permute(module: nn.Module) -> bool:
+    """Whether ``module`` is torchvision's ``Permute``. Looked up among the loaded modules, not
+    imported: a model holding one has loaded it, and importing torchvision costs seconds of
+    start-up that a model without it (the built-in one) should not pay."""
+    misc = sys.modules.get("torchvision.ops.misc")
+    return misc is not None and isinstance(module, getattr(misc, "Permute", ()))
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,7 @@ class LayoutTracer:
         same = self._label(output)
         if same is not None and same.kind != TOKENS:
             evidence.add(same.kind)
-        if isinstance(module, _PERMUTE_TYPES):
+        if _is_permute(module):
             evidence |= self._permuted(module, known_inputs)
         else:
             evidence |= self._last_axis(module, shape)

@@ -264,6 +264,11 @@ def end_to_end(name: str, args, device: torch.device, workdir: Path) -> list[str
 
 # ----------------------------------------------------------------------------- processes
 
+def checkouts(args) -> dict[str, Path]:
+    """This checkout as "main.py", and the --baseline checkout as "baseline" where given."""
+    return {"main.py": ROOT, **({"baseline": args.baseline} if args.baseline else {})}
+
+
 def cli_command(checkout: Path, args: list[str]) -> list[str]:
     return [sys.executable, str(checkout / "main.py")] + args
 
@@ -325,11 +330,8 @@ def memory_part(args, device: torch.device, workdir: Path) -> list[str]:
     small, large = args.memory_images, args.memory_images * 10
     folders = {small: copy_images(workdir / "small", small),
                large: copy_images(workdir / "large", large)}
-    checkouts = {"main.py": ROOT}
-    if args.baseline:
-        checkouts["baseline"] = args.baseline
     rows = []
-    for label, checkout in checkouts.items():
+    for label, checkout in checkouts(args).items():
         peaks = {}
         for count, folder in folders.items():
             shutil.rmtree(workdir / "out", ignore_errors=True)
@@ -382,9 +384,7 @@ def marginal_rates(runs: dict[str, list[str]], args, device: torch.device,
 
 def pipeline_part(args, device: torch.device, workdir: Path) -> list[str]:
     n_small, n_big = args.pipeline_images
-    runs = {"main.py": cli_command(ROOT, [])}
-    if args.baseline:
-        runs["baseline"] = cli_command(args.baseline, [])
+    runs = {name: cli_command(checkout, []) for name, checkout in checkouts(args).items()}
     rates = marginal_rates(runs, args, device, workdir)
     what = f"pipeline, tiny CNN, marginal over {n_small} -> {n_big} images"
     if args.baseline:
@@ -418,12 +418,9 @@ def render_pool_part(args, device: torch.device, workdir: Path) -> list[str]:
 def startup_part(args, device: torch.device, workdir: Path) -> list[str]:
     """main.py on one image, fresh processes, interleaved with the baseline."""
     image = ROOT / "data" / "tabby" / "chelsea.png"
-    checkouts = {"main.py": ROOT}
-    if args.baseline:
-        checkouts["baseline"] = args.baseline
-    times = {name: [] for name in checkouts}
+    times = {name: [] for name in checkouts(args)}
     for _ in range(args.startup_repeats):
-        for name, checkout in checkouts.items():
+        for name, checkout in checkouts(args).items():
             command = cli_command(checkout, ["--images_path", str(image), "--quiet",
                                              "--device", device.type,
                                              "--save_dir", str(workdir / "out")])

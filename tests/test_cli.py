@@ -636,3 +636,20 @@ def test_help_does_not_import_torch() -> None:
     heavy = [name for name in imported
              if name.split(".")[0] in ("torch", "torchvision")]
     assert heavy == [], heavy
+
+
+def test_one_image_with_the_builtin_model_imports_no_torchvision_or_matplotlib(
+        tmp_path: Path) -> None:
+    """Start-up stays lean: explaining one image with the built-in model imports neither
+    torchvision (seconds of imports it does not use) nor the figure code's matplotlib pyplot."""
+    done = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "main.py"),
+                           "--images_path", str(ROOT / "data" / "tabby" / "chelsea.png"),
+                           "--device", "cpu", "--quiet", "--save_dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert "torch" in imported  # the output is read correctly
+    assert not {name for name in imported
+                if name.split(".")[0] == "torchvision" or name == "matplotlib.pyplot"}
+    assert (tmp_path / "image0.jpg").is_file()
