@@ -22,7 +22,7 @@ from torch import nn
 import faults
 import outputs
 import report
-from distributed import Distributed
+from torchrun_group import Distributed
 from explainer import ClassPlan, ExplainOptions, Explainer, Target, outputs_of
 from image_loader import close_loader, handed_over, make_loader
 from render_pool import InlineRenderer

@@ -395,14 +395,14 @@ def make_save_dir(save_dir: str, save_raw: bool) -> Path:
 def default_workers() -> int:
     """Decode processes: half of this process's cores (see ``cores_per_process``), at most 8;
     the model and the render processes share the rest."""
-    from distributed import cores_per_process
+    from torchrun_group import cores_per_process
     return min(8, cores_per_process() // 2)
 
 
 def default_render_workers(n_images: int, decode_workers: int) -> int:
     """Render processes: the cores left after decoding and the model, at least 1 and at most
     8; none for a single image, where starting a process costs more than it saves."""
-    from distributed import cores_per_process
+    from torchrun_group import cores_per_process
     if n_images <= 1:
         return 0
     return max(1, min(8, cores_per_process() - 1 - decode_workers))
@@ -447,7 +447,7 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
 
     import faults
     from batch_run import RunSettings, finish, run_batches
-    from distributed import Distributed
+    from torchrun_group import Distributed
     from explainer import ExplainOptions
     from gradcam import layers_in_run_order
     from models import load_model

@@ -136,7 +136,9 @@ class TextPainter:
         if not (space and head and tail and _joinable(text)):
             return self._draw(text)
         front, back = self._run(head + " "), self._run(" " + tail)
-        if front is None or back is None:
+        if front is None or back is None or not back.coverage.any():
+            # An inkless last word (a thin space, a zero-width joiner) makes the part claim a
+            # column the font's own line does not have: such lines are drawn whole.
             return self._draw(text)
         key = (front.phase, tail)
         if front.phase == 0:
@@ -153,7 +155,9 @@ class TextPainter:
                 return joined
         line = self._draw(text)
         if front.phase != 0 and (part is not None or key not in self._tails):
-            self._keep_tail(key, self._cut_tail(line, front, back))
+            cut = self._cut_tail(line, front, back)
+            if cut is not None or part is None:  # a part that failed only here is kept
+                self._keep_tail(key, cut)
         return line
 
     def _keep_tail(self, key: tuple[int, str], part: _Tail | None) -> None:

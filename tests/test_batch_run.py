@@ -306,18 +306,3 @@ def test_the_loader_gives_prepare_image_inputs_to_the_bit(preprocessing) -> None
             seen += 1
     assert seen == len(entries)
 
-
-@pytest.mark.parametrize("cores, local_world, decode, render", [
-    (16, 1, 8, 7), (32, 1, 8, 8), (8, 1, 4, 3), (4, 1, 2, 1), (2, 1, 1, 1), (1, 1, 0, 1),
-    (16, 2, 4, 3), (16, 8, 1, 1)])
-def test_helper_process_defaults_share_the_cores_this_process_may_use(
-        monkeypatch, cores: int, local_world: int, decode: int, render: int) -> None:
-    """Decode and render processes are sized from the cores the system lets this process run
-    on (a container's or a batch job's share), split between torchrun's local processes: half
-    decode (at most 8), the rest after the model renders (1 to 8), none for one image."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 4 * cores)  # the whole machine: not used
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
-    assert main.default_workers() == decode
-    assert main.default_render_workers(100, decode) == render
-    assert main.default_render_workers(1, decode) == 0

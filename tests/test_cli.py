@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 import main
+import torchrun_group
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -638,7 +639,7 @@ def test_help_does_not_import_torch() -> None:
     assert heavy == [], heavy
 
 
-def test_one_image_with_the_builtin_model_imports_no_torchvision_or_matplotlib(
+def test_one_image_with_the_builtin_model_imports_no_torchvision_or_pyplot(
         tmp_path: Path) -> None:
     """Start-up stays lean: explaining one image with the built-in model imports neither
     torchvision (seconds of imports it does not use) nor the figure code's matplotlib pyplot."""
@@ -653,3 +654,63 @@ def test_one_image_with_the_builtin_model_imports_no_torchvision_or_matplotlib(
     assert not {name for name in imported
                 if name.split(".")[0] == "torchvision" or name == "matplotlib.pyplot"}
     assert (tmp_path / "image0.jpg").is_file()
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend this process may run on ``cores`` CPUs (affinity), under an optional cgroup
+    quota, with the whole machine 4 times larger (which must never be used)."""
+    def pretend(cores: int, quota: int | None = None, local_world: int | None = None) -> None:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)),
+                            raising=False)
+        monkeypatch.setattr(os, "cpu_count", lambda: 4 * cores)
+        monkeypatch.setattr(torchrun_group, "cpu_quota", lambda: quota)
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        if local_world is not None:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    return pretend
+
+
+@pytest.mark.parametrize("cores, local_world, decode, render", [
+    (16, 1, 8, 7), (32, 1, 8, 8), (8, 1, 4, 3), (4, 1, 2, 1), (2, 1, 1, 1), (1, 1, 0, 1),
+    (16, 2, 4, 3), (16, 8, 1, 1)])
+def test_helper_process_defaults_share_the_cores_this_process_may_use(
+        machine, cores: int, local_world: int, decode: int, render: int) -> None:
+    """Decode and render processes are sized from the cores this process may run on, split
+    between torchrun's local processes: half decode (at most 8), the rest after the model
+    renders (1 to 8), and no render process for one image."""
+    machine(cores, local_world=local_world)
+    assert main.default_workers() == decode
+    assert main.default_render_workers(100, decode) == render
+    assert main.default_render_workers(1, decode) == 0
+
+
+def test_cores_per_process_honours_quota_world_size_and_missing_affinity(machine,
+                                                                         monkeypatch) -> None:
+    """A CPU quota caps the pinned CPUs; WORLD_SIZE stands in for a missing LOCAL_WORLD_SIZE;
+    without an affinity call (macOS, Windows) the machine's count is used."""
+    machine(16, quota=3)
+    assert torchrun_group.cores_per_process() == 3
+    machine(16, quota=64)
+    assert torchrun_group.cores_per_process() == 16
+    machine(16)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert torchrun_group.cores_per_process() == 4
+    machine(6)
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    assert torchrun_group.cores_per_process() == 24  # os.cpu_count(), as pretended
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "250000 100000\n"}, 3), ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu.max": "garbage"}, None), ({}, None)])
+def test_cpu_quota_reads_cgroup_v2_then_v1(tmp_path: Path, files: dict, expected) -> None:
+    """cgroup v2's cpu.max, else v1's cfs quota and period, rounded up to whole CPUs; no
+    quota, or a file that cannot be read or parsed, gives None."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert torchrun_group.cpu_quota(tmp_path) == expected

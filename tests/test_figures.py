@@ -137,21 +137,25 @@ def test_lines_joined_from_cached_parts_equal_the_fonts_own_drawing(figures_modu
         lines += [f"{i % 3 + 1}. {label.split(',')[0]} {probability}", label,
                   f"against {label.split(',')[0]} {probability} (peak {0.37 ** i:.3g})"]
     lines += ["2. γάτα 12.5%", "кошка 0.0051%", "lowest: גמל 0.0051%",  # right-to-left and
-              "3\u0301 x", "66\u0301 z", "café 4.0%"]  # combining marks: drawn whole
+              "3\u0301 x", "66\u0301 z", "café 4.0%",  # combining marks: drawn whole
+              "tabby \u2009", "Eώ*3/}g \u2009", "ά0γ \u200d", "x \u200b", "dog \u3000",
+              "AV \u00a0"]  # an inkless last word: drawn whole
     for line in lines:
         joined, baseline = painter._render_line(line)
         whole, whole_baseline = painter._draw(line)
         assert baseline == whole_baseline and np.array_equal(joined, whole), line
 
 
+@pytest.mark.parametrize("points, bold", [(9, False), (10, True)])  # titles, headings
 def test_probability_parts_cut_at_a_space_off_the_pixel_grid_equal_the_fonts_drawing(
-        figures_module) -> None:
+        points: float, bold: bool) -> None:
     """Where a label ends off the pixel grid (kerning), the probability part is cut from the
     font's drawing of a short probe line whose space has the same 1/64 pixel phase, and joined
-    to every label ending at that phase: every ImageNet label's first name with four probabilities equals the font's own
-    line, the parts are cut from short probe lines, and they are reused hundreds of times."""
+    to every label ending at that phase: every ImageNet label's first name with four
+    probabilities equals the font's own line, in the titles' and the headings' painters, and
+    the parts, cut from probe lines, are reused across labels."""
     from utils import default_labels
-    painter = TextPainter(9, bold=False, dpi=100)
+    painter = TextPainter(points, bold=bold, dpi=100)
     cut_lines = []
     drawn = painter._draw
     painter._draw = lambda text: cut_lines.append(text) or drawn(text)
@@ -164,8 +168,8 @@ def test_probability_parts_cut_at_a_space_off_the_pixel_grid_equal_the_fonts_dra
         assert baseline == whole_baseline and np.array_equal(joined, whole), line
     fronts = {line: painter._run(line.rpartition(" ")[0] + " ") for line in lines}
     off_grid = [line for line, front in fronts.items() if front is not None and front.phase]
-    assert len(off_grid) > 500
-    assert len(off_grid) - len(cut_lines) > 400  # joined from a part cut from another line
+    assert len(off_grid) > 300
+    assert len(off_grid) - len(cut_lines) > len(off_grid) // 5  # parts reused across lines
     # Parts come from short probe lines (a kerned pair or two and the probability), not from
     # drawing the title itself: only a few off-grid titles were drawn whole.
     assert len(set(off_grid) & set(cut_lines)) < len(off_grid) // 20

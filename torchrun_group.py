@@ -1,13 +1,17 @@
-"""torchrun: the process group, and waiting for the other processes without hanging.
+"""torchrun: the process group, waiting for the other processes without hanging, and each
+process's share of the machine's cores.
 
-Without torchrun everything here is a no-op for a single process. Each process takes every
-N-th image by index (see batch_run); the first process merges the summary.
+Without torchrun, ``Distributed`` is a no-op for a single process, and that process has all
+the cores it may use. Each process takes every N-th image by index (see batch_run); the first
+process merges the summary.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import faults
@@ -15,17 +19,42 @@ import faults
 if TYPE_CHECKING:
     import torch
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
 
 def cores_per_process() -> int:
-    """The cores this process may use: those the system lets it run on (a container's or a
-    batch job's share, not the whole machine's), split evenly between the torchrun processes
-    on this machine. Imports no torch, so the command line can size its helpers early."""
+    """The cores this process may use, split evenly between the torchrun processes on this
+    machine: the CPUs it is pinned to (taskset, cpuset, a batch job's allocation), capped by a
+    CPU quota (``docker --cpus``, a Kubernetes CPU limit), never the whole machine by default.
+    Imports no torch, so the command line can size its helper processes early."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows have no affinity call
         cores = os.cpu_count() or 1
+    quota = cpu_quota()
+    if quota is not None:
+        cores = min(cores, quota)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     return max(1, cores // max(1, local_world))
+
+
+def cpu_quota(root: Path = CGROUP_ROOT) -> int | None:
+    """The CPUs a cgroup quota allows (rounded up), or None where there is none or it cannot
+    be read: cgroup v2's ``cpu.max`` ("200000 100000": 2 CPUs; "max ...": none), else cgroup
+    v1's ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (a quota of -1: none)."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        if quota == "max":
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return max(1, math.ceil(quota / period)) if quota > 0 and period > 0 else None
 
 
 class Distributed:
