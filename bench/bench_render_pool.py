@@ -15,7 +15,6 @@ can only grow while there are idle cores: expect growth up to the machine's core
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_figures import workload  # noqa: E402
 from figures import format_probability  # noqa: E402
 from render_pool import FigureJob, ImageJob, start_renderer  # noqa: E402
+from torchrun_group import cores_per_process  # noqa: E402
 
 HEADING = "Grad-CAM at layer 1 (_conv_head)"
 WARM_UP = 8
@@ -61,20 +61,22 @@ def image_jobs(items: list[tuple], folder: Path, first_index: int = 0) -> list[I
 
 
 def figures_per_second(workers: int, jobs: list[ImageJob], warm: list[ImageJob],
-                       batch_size: int) -> float:
+                       batch_size: int) -> tuple[float, float]:
     """Start a pool of ``workers``, draw ``warm`` untimed, then time ``jobs`` to the last
-    file on disk."""
+    file on disk: (figures/s, this process's CPU ms per figure, which is what handing a
+    figure over costs the model process, or drawing it too when inline)."""
     renderer = start_renderer(workers)
     renderer.hold_batches_of(batch_size)
     try:
         for job in warm:
             renderer.submit(job)
         renderer.flush()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for job in jobs:
             renderer.submit(job)
         renderer.flush()
-        return len(jobs) / (time.perf_counter() - start)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        return len(jobs) / elapsed, cpu / len(jobs) * 1000
     finally:
         renderer.close()
 
@@ -83,23 +85,26 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     items = workload(args.figures + WARM_UP, args.panel, uint8=True)
     rates: dict[int, list[float]] = {w: [] for w in args.workers}
+    feeding: dict[int, list[float]] = {w: [] for w in args.workers}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         warm = image_jobs(items[:WARM_UP], folder)
         jobs = image_jobs(items[WARM_UP:], folder, first_index=WARM_UP)
         for _ in range(args.rounds):
             for workers in args.workers:
-                rates[workers].append(figures_per_second(workers, jobs, warm,
-                                                          args.batch_size))
-    print(f"{os.cpu_count()} CPUs, {args.figures} figures of {args.panel} px (4 maps, uint8), "
-          f"median of {args.rounds} rounds")
+                rate, cpu_ms = figures_per_second(workers, jobs, warm, args.batch_size)
+                rates[workers].append(rate)
+                feeding[workers].append(cpu_ms)
+    print(f"{cores_per_process()} usable CPUs, {args.figures} figures of {args.panel} px "
+          f"(4 maps, uint8), median of {args.rounds} rounds")
     first = statistics.median(rates[args.workers[0]])
-    print("| render processes | figures/s | ratio |")
-    print("|---|---|---|")
+    print("| render processes | figures/s | ratio | CPU ms per figure in the feeding process |")
+    print("|---|---|---|---|")
     for workers, values in rates.items():
         name = "0 (inline)" if workers == 0 else str(workers)
         median = statistics.median(values)
-        print(f"| {name} | {median:.1f} | {median / first:.2f}x |")
+        print(f"| {name} | {median:.1f} | {median / first:.2f}x | "
+              f"{statistics.median(feeding[workers]):.1f} |")
     return 0
 
 
