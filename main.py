@@ -132,8 +132,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              f"MPS, {GPU_BATCH_SIZE} on CUDA)")
     parser.add_argument("--workers", type=non_negative_int, default=None,
                         help="processes decoding images while the model runs (default: half the "
-                             "cores this process may use, at most 8; 0 decodes in the main "
-                             "process)")
+                             "cores this process may use, at most 8, and 0 for one image; 0 "
+                             "decodes in the main process)")
     parser.add_argument("--render_workers", type=non_negative_int, default=None,
                         help="processes composing and writing the figures (default: the cores "
                              "left after --workers and the model, at least 1 and at most 8; 0 "
@@ -392,10 +392,13 @@ def make_save_dir(save_dir: str, save_raw: bool) -> Path:
     return path
 
 
-def default_workers() -> int:
+def default_workers(n_images: int) -> int:
     """Decode processes: half of this process's cores (see ``cores_per_process``), at most 8;
-    the model and the render processes share the rest."""
+    the model and the render processes share the rest. None for a single image, which has
+    nothing to decode ahead (a decode process would only cost its start, about 0.1 s)."""
     from torchrun_group import cores_per_process
+    if n_images <= 1:
+        return 0
     return min(8, cores_per_process() // 2)
 
 
@@ -430,7 +433,7 @@ def run(args: argparse.Namespace, resume_command: str = "") -> int:
 
     entries = select_images(list_images(args.images_path), args.n_images) \
         if not args.list_layers else []
-    workers = default_workers() if args.workers is None else args.workers
+    workers = default_workers(len(entries)) if args.workers is None else args.workers
     render_workers = (default_render_workers(len(entries), workers)
                       if args.render_workers is None else args.render_workers)
     renderer = start_renderer(render_workers if entries else 0, args.show)

@@ -679,11 +679,11 @@ def test_helper_process_defaults_share_the_cores_this_process_may_use(
         machine, cores: int, local_world: int, decode: int, render: int) -> None:
     """Decode and render processes are sized from the cores this process may run on, split
     between torchrun's local processes: half decode (at most 8), the rest after the model
-    renders (1 to 8), and no render process for one image."""
+    renders (1 to 8), and neither a decode nor a render process for one image."""
     machine(cores, local_world=local_world)
-    assert main.default_workers() == decode
+    assert main.default_workers(100) == decode
     assert main.default_render_workers(100, decode) == render
-    assert main.default_render_workers(1, decode) == 0
+    assert main.default_workers(1) == main.default_render_workers(1, 0) == 0
 
 
 def test_cores_per_process_honours_quota_world_size_and_missing_affinity(machine,
