@@ -22,10 +22,10 @@ from torch import nn
 import faults
 import outputs
 import report
-from torchrun_group import Distributed
 from explainer import ClassPlan, ExplainOptions, Explainer, Target, outputs_of
 from image_loader import close_loader, handed_over, make_loader
 from render_pool import InlineRenderer
+from torchrun_group import Distributed
 from utils import ImageEntry, LabelIndex, Preprocessing, normalise
 
 

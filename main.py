@@ -450,10 +450,10 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
 
     import faults
     from batch_run import RunSettings, finish, run_batches
-    from torchrun_group import Distributed
     from explainer import ExplainOptions
     from gradcam import layers_in_run_order
     from models import load_model
+    from torchrun_group import Distributed
 
     dist = Distributed()
     device = pick_device(args.device, dist.local_rank)

@@ -47,7 +47,7 @@ def cpu_quota(root: Path = CGROUP_ROOT) -> int | None:
         if quota == "max":
             return None
         return max(1, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
+    except (OSError, ValueError, ZeroDivisionError):
         pass
     try:
         quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
@@ -64,7 +64,6 @@ class Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
         self.active = self.world > 1
 
     def start(self, device: torch.device) -> None:

@@ -706,7 +706,7 @@ def test_cores_per_process_honours_quota_world_size_and_missing_affinity(machine
     ({"cpu.max": "250000 100000\n"}, 3), ({"cpu.max": "max 100000\n"}, None),
     ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),
     ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-    ({"cpu.max": "garbage"}, None), ({}, None)])
+    ({"cpu.max": "garbage"}, None), ({"cpu.max": "100000 0\n"}, None), ({}, None)])
 def test_cpu_quota_reads_cgroup_v2_then_v1(tmp_path: Path, files: dict, expected) -> None:
     """cgroup v2's cpu.max, else v1's cfs quota and period, rounded up to whole CPUs; no
     quota, or a file that cannot be read or parsed, gives None."""
