@@ -56,6 +56,9 @@ def collate(items: list) -> dict:
 
 def make_loader(entries: list[ImageEntry], preprocessing: Preprocessing, batch_size: int,
                 workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """Batches of decoded images, in order; decode processes beyond the number of batches
+    would only start, so there are never more than batches."""
+    workers = min(workers, -(-len(entries) // batch_size))
     return torch.utils.data.DataLoader(
         ImageDataset(entries, preprocessing), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",

@@ -22,6 +22,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam")
 CPU_BATCH_SIZE = 16
 GPU_BATCH_SIZE = 64
+MAX_HELPER_PROCESSES = 64  # per flag: more only crowd the cores (and may be a typo)
 
 
 class UsageError(Exception):
@@ -91,6 +92,16 @@ def non_negative_int(text: str) -> int:
     raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
 
 
+def helper_count(text: str) -> int:
+    """A number of helper processes for argparse: 0 to MAX_HELPER_PROCESSES."""
+    value = non_negative_int(text)
+    if value > MAX_HELPER_PROCESSES:
+        raise argparse.ArgumentTypeError(
+            f"{text} is more processes than can help (at most {MAX_HELPER_PROCESSES}; the "
+            f"defaults are sized to this machine's cores)")
+    return value
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="main.py", formatter_class=_HelpFormatter,
@@ -130,11 +141,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=positive_int, default=None,
                         help=f"images per forward pass (default: {CPU_BATCH_SIZE} on CPU and "
                              f"MPS, {GPU_BATCH_SIZE} on CUDA)")
-    parser.add_argument("--workers", type=non_negative_int, default=None,
+    parser.add_argument("--workers", type=helper_count, default=None,
                         help="processes decoding images while the model runs (default: half the "
                              "cores this process may use, at most 8, and 0 for one image; 0 "
                              "decodes in the main process)")
-    parser.add_argument("--render_workers", type=non_negative_int, default=None,
+    parser.add_argument("--render_workers", type=helper_count, default=None,
                         help="processes composing and writing the figures (default: the cores "
                              "left after --workers and the model, at least 1 and at most 8; 0 "
                              "for one image or with --show; 0 draws in the main process)")
@@ -436,7 +447,8 @@ def run(args: argparse.Namespace, resume_command: str = "") -> int:
     workers = default_workers(len(entries)) if args.workers is None else args.workers
     render_workers = (default_render_workers(len(entries), workers)
                       if args.render_workers is None else args.render_workers)
-    renderer = start_renderer(render_workers if entries else 0, args.show)
+    # a render process takes whole images, and costs its start-up (about a second) and memory
+    renderer = start_renderer(min(render_workers, len(entries)), args.show)
     try:  # the render processes start while the model loads
         return explain_images(args, entries, workers, renderer, resume_command)
     finally:

@@ -288,14 +288,13 @@ def test_the_loader_gives_prepare_image_inputs_to_the_bit(preprocessing) -> None
     mean = np.asarray(preprocessing.mean, dtype=np.float32)
     std = np.asarray(preprocessing.std, dtype=np.float32)
     expected = ((every_value.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
-    got = normalise(torch.from_numpy(every_value), preprocessing,
-                                 torch.device("cpu"))
+    got = normalise(torch.from_numpy(every_value), preprocessing, torch.device("cpu"))
     assert got.is_contiguous()
     np.testing.assert_array_equal(got.numpy(), expected)
 
     entries = list_images(DATA)
     loader = image_loader.make_loader(entries, preprocessing, batch_size=2, workers=2,
-                                   device=torch.device("cpu"))
+                                      device=torch.device("cpu"))
     seen = 0
     for batch in loader:
         inputs = normalise(batch["shown"], preprocessing, torch.device("cpu"))
@@ -305,4 +304,28 @@ def test_the_loader_gives_prepare_image_inputs_to_the_bit(preprocessing) -> None
             np.testing.assert_array_equal(inputs[b].numpy(), model_input)
             seen += 1
     assert seen == len(entries)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more than 2 cores' worth
+def test_helper_processes_never_outnumber_their_work(monkeypatch, tmp_path: Path) -> None:
+    """A decode process beyond the number of batches, or a render process beyond the number
+    of images, would only cost its start and memory: 3 images in batches of 2 start 2 decode
+    processes and 3 render processes, whatever the flags ask for."""
+    entries = list_images(DATA)[:3]
+    preprocessing = Preprocessing(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    for batch_size, workers, expected in ((2, 8, 2), (2, 1, 1), (16, 8, 1), (1, 8, 3)):
+        loader = image_loader.make_loader(entries, preprocessing, batch_size=batch_size,
+                                          workers=workers, device=torch.device("cpu"))
+        assert loader.num_workers == expected
+    started = []
+
+    def start_renderer(workers: int, show: bool = False):
+        started.append(workers)
+        return render_pool.InlineRenderer()
+
+    monkeypatch.setattr(render_pool, "start_renderer", start_renderer)
+    assert run_cli("--n_images", "3", "--render_workers", "8", "--model_path",
+                   str(ROOT / "tests" / "figures" / "missing.pt"),
+                   "--save_dir", str(tmp_path)) == 2  # stops at the model, after the start
+    assert started == [3]
 
