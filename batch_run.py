@@ -23,7 +23,8 @@ import faults
 import outputs
 import report
 from explainer import ClassPlan, ExplainOptions, Explainer, Target, outputs_of
-from image_loader import close_loader, handed_over, make_loader
+from image_loader import (close_loader, handed_over, make_loader,
+                          quiet_pin_memory_thread)
 from render_pool import InlineRenderer
 from torchrun_group import Distributed
 from utils import ImageEntry, LabelIndex, Preprocessing, normalise
@@ -178,27 +179,31 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
         if live_report is not None:
             live_report.refresh(rows_so_far, result.skipped)
 
+    def explain_batch(batch: dict) -> None:
+        for position, error in batch["failed"]:
+            _skip(result, mine[position], f"not a readable image ({error})")
+        progress.update(len(batch["failed"]))
+        if batch["shown"] is None:
+            return
+        inputs = normalise(batch["shown"], preprocessing, device)
+        outcome = explainer.explain([mine[p] for p in batch["positions"]],
+                                    list(batch["shown"].numpy()), inputs)
+        for entry, reason in outcome.failed:
+            _skip(result, entry, f"the model failed on it ({reason})")
+        progress.update(len(outcome.failed))
+        for job, row in outcome.jobs:
+            pending[job.index] = _Pending(row, job.paths(), time.time_ns() - CLOCK_SLACK_NS)
+            renderer.submit(job)
+            log(renderer.take_finished())
+        _return_free_memory()
+
     batches, aborting = None, True
     try:
         batches = iter(make_loader(mine, preprocessing, settings.batch_size, settings.workers,
                                    device))
-        for batch in handed_over(batches):
-            for position, error in batch["failed"]:
-                _skip(result, mine[position], f"not a readable image ({error})")
-            progress.update(len(batch["failed"]))
-            if batch["shown"] is None:
-                continue
-            inputs = normalise(batch["shown"], preprocessing, device)
-            outcome = explainer.explain([mine[p] for p in batch["positions"]],
-                                        list(batch["shown"].numpy()), inputs)
-            for entry, reason in outcome.failed:
-                _skip(result, entry, f"the model failed on it ({reason})")
-            progress.update(len(outcome.failed))
-            for job, row in outcome.jobs:
-                pending[job.index] = _Pending(row, job.paths(), time.time_ns() - CLOCK_SLACK_NS)
-                renderer.submit(job)
-                log(renderer.take_finished())
-            _return_free_memory()
+        with quiet_pin_memory_thread():
+            for batch in handed_over(batches):
+                explain_batch(batch)
         renderer.flush()
         log(renderer.take_finished())
         aborting = False

@@ -9,7 +9,9 @@ none is left behind when the run ends.
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 import time
 from typing import Iterator
 
@@ -74,16 +76,22 @@ def _decode_worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+PIN_MEMORY_THREAD_EXITED = "Pin memory thread exited unexpectedly"  # the DataLoader's words
+
+
 def handed_over(batches) -> Iterator[dict]:
     """The loader's batches. A decode process killed while it hands a batch over breaks the
-    connection its shared memory travels on, before the DataLoader notices the death; that is
-    reported as the process's death once it is seen to be gone."""
+    connection its shared memory travels on, before the DataLoader notices the death: in this
+    thread, or (CUDA) in the pin-memory thread, which then exits. Either is reported as the
+    process's death, by pid, once it is seen to be gone."""
     while True:
         try:
             batch = next(batches)
         except StopIteration:
             return
-        except (ConnectionError, EOFError) as error:
+        except (ConnectionError, EOFError, RuntimeError) as error:
+            if isinstance(error, RuntimeError) and PIN_MEMORY_THREAD_EXITED not in str(error):
+                raise
             dead = dead_decode_processes(batches)
             if not dead:
                 raise
@@ -91,6 +99,26 @@ def handed_over(batches) -> Iterator[dict]:
                 f"process(es) {', '.join(map(str, dead))} exited while handing a batch "
                 f"over") from error
         yield batch
+
+
+@contextlib.contextmanager
+def quiet_pin_memory_thread() -> Iterator[None]:
+    """While batches are handed over, the DataLoader's pin-memory thread (CUDA) dying of a
+    broken hand-over prints no traceback of its own: the model process reports that decode
+    process's death in one line (``handed_over``). Other threads' errors print as before."""
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        thread = args.thread.name if args.thread is not None else ""
+        if "_pin_memory_loop" in thread and issubclass(args.exc_type, (OSError, EOFError)):
+            return
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def dead_decode_processes(batches, wait: float = 2.0) -> list[int]:

@@ -481,3 +481,72 @@ def test_what_counts_as_a_decode_process_death() -> None:
     assert faults.is_helper_death(faults.DecodeProcessDied("process(es) 7 exited"))
     assert not faults.is_helper_death(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not faults.is_helper_death(ConnectionResetError("reset by peer"))
+
+
+class _ExitedProcess:
+    pid = 4242
+
+    @staticmethod
+    def is_alive() -> bool:
+        return False
+
+
+class _BrokenHandOver:
+    """A DataLoader iterator whose pin-memory thread (CUDA) exited because a decode process,
+    now dead, was killed while handing a batch over."""
+
+    _workers = [_ExitedProcess()]
+
+    def __next__(self):
+        raise RuntimeError("Pin memory thread exited unexpectedly")
+
+
+def test_a_hand_over_broken_in_the_pin_memory_thread_names_the_dead_process() -> None:
+    """On CUDA the broken hand-over kills the pin-memory thread, and the DataLoader says only
+    that the thread exited: the run reports the decode process's death, by pid."""
+    import faults
+    from image_loader import handed_over
+    with pytest.raises(faults.DecodeProcessDied, match="4242"):
+        next(handed_over(_BrokenHandOver()))
+
+    class ModelBug(_BrokenHandOver):
+        _workers = []
+
+        def __next__(self):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="mat1"):
+        next(handed_over(ModelBug()))
+
+
+def test_the_pin_memory_thread_dies_of_a_broken_hand_over_without_a_traceback(
+        monkeypatch) -> None:
+    """Only the one-line stop is printed: the pin-memory thread's own ConnectionRefusedError
+    (its unpickling of a dead process's shared memory) is kept from the thread error hook
+    while batches are handed over; any other thread's error, and any error after, reaches
+    it as usual."""
+    import threading
+
+    from image_loader import quiet_pin_memory_thread
+    reported = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.thread.name))
+
+    def _pin_memory_loop() -> None:  # the DataLoader names its thread after this function
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    def other_work() -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    def run(target) -> list[str]:
+        reported.clear()
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+        return [name.split(" ")[-1] for name in reported]
+
+    hook = threading.excepthook
+    with quiet_pin_memory_thread():
+        assert run(_pin_memory_loop) == []
+        assert run(other_work) == ["(other_work)"]
+    assert threading.excepthook is hook
+    assert run(_pin_memory_loop) == ["(_pin_memory_loop)"]
