@@ -266,8 +266,9 @@ def _as_stop(stop: BaseException) -> Optional[BaseException]:
     if isinstance(stop, (KeyboardInterrupt, faults.Terminated, faults.RunFault)):
         return stop
     if faults.is_helper_death(stop):
-        if faults.signal_received() is not None:  # the group got the signal, and so did we
-            return faults.Terminated() if faults.signal_received() != signal.SIGINT else KeyboardInterrupt()
+        received = faults.signal_received()
+        if received is not None:  # the group got the signal, and so did we
+            return KeyboardInterrupt() if received == signal.SIGINT else faults.Terminated()
         return faults.RunFault(f"a decode process died: {str(stop).splitlines()[0]}")
     if isinstance(stop, OSError):
         return faults.RunFault(f"cannot write in {getattr(stop, 'filename', None) or 'save_dir'}"
