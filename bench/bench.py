@@ -22,6 +22,10 @@ user of that model. Parts:
   g. the render pool: marginal figures/s of part f's run with --render_workers 1, 2 and 4
      (skipped with a message where main.py has no --render_workers)
   s. start-up: main.py on one image, wall time of a fresh process (with --baseline: both)
+  t. throughput as a user sees it (not in the default parts: minutes on a CPU): main.py with
+     the built-in model and default flags over N_big images in a fresh process, images/s over
+     the wall time (start-up included) and marginal images/s against N_small images; with
+     --baseline both, interleaved. The target on a GPU machine: >= 600 images/s over >= 2,000.
 """
 
 from __future__ import annotations
@@ -66,6 +70,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pipeline_repeats", type=int, default=3)
     parser.add_argument("--render_workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--startup_repeats", type=int, default=7)
+    parser.add_argument("--throughput_images", type=int, nargs=2, default=[64, 2048],
+                        metavar=("N_SMALL", "N_BIG"), help="part t's two run sizes")
+    parser.add_argument("--throughput_repeats", type=int, default=1)
     parser.add_argument("--baseline", type=Path, default=None,
                         help="another checkout of the tool, timed beside this one (e, f, s)")
     parser.add_argument("--parts", default="abcdefgs")
@@ -413,6 +420,37 @@ def render_pool_part(args, device: torch.device, workdir: Path) -> list[str]:
             f"grows with workers |" for w in args.render_workers]
 
 
+# ----------------------------------------------------------------------------- part t
+
+def throughput_part(args, device: torch.device, workdir: Path) -> list[str]:
+    """main.py with the built-in model and default flags over N_small and N_big images, each
+    in a fresh process, as a user runs it; the checkouts interleaved."""
+    n_small, n_big = args.throughput_images
+    folders = {n: copy_images(workdir / f"images{n}", n) for n in (n_small, n_big)}
+    times = {(name, n): [] for name in checkouts(args) for n in folders}
+    for _ in range(args.throughput_repeats):
+        for n, folder in folders.items():
+            for name, checkout in checkouts(args).items():
+                command = cli_command(checkout, [
+                    "--images_path", str(folder), "--n_images", "all", "--quiet",
+                    "--device", device.type, "--save_dir", str(workdir / "out")])
+                times[(name, n)].append(timed_run(command, workdir / "out"))
+    wall, marginal = {}, {}
+    for name in checkouts(args):
+        big, small = (statistics.median(times[(name, n)]) for n in (n_big, n_small))
+        wall[name], marginal[name] = n_big / big, (n_big - n_small) / (big - small)
+    what = (f"--n_images all over {n_big} images: wall (start-up included) / marginal over "
+            f"{n_small} -> {n_big}")
+    rows = [f"| t | {BUILTIN_MODEL} | {name}, {what} | {wall[name]:.1f} / "
+            f"{marginal[name]:.1f} images/s | | >= 600 images/s (GPU, 8+ cores) |"
+            for name in checkouts(args)]
+    if args.baseline:
+        rows.append(f"| t | {BUILTIN_MODEL} | main.py / baseline, wall and marginal | | "
+                    f"**{wall['main.py'] / wall['baseline']:.2f}x / "
+                    f"{marginal['main.py'] / marginal['baseline']:.2f}x** | >= 10x on a GPU |")
+    return rows
+
+
 # ----------------------------------------------------------------------------- part s
 
 def startup_part(args, device: torch.device, workdir: Path) -> list[str]:
@@ -459,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += end_to_end(name, args, device, Path(tmp) / name)
                 print(rows[-1], flush=True)
         later = (("s", startup_part), ("f", pipeline_part), ("g", render_pool_part),
-                 ("e", memory_part))
+                 ("t", throughput_part), ("e", memory_part))
         for part, function in later:
             if part in args.parts:
                 added = function(args, device, Path(tmp) / f"part_{part}")
