@@ -16,6 +16,7 @@ Every user mistake raises ``ModelError`` with a one-line message that says what 
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import pickle
 import re
@@ -164,10 +165,10 @@ def torchvision_arch_of(model: nn.Module) -> str | None:
     with the same parameter count as the model wins (every DEFAULT weight records it); a model
     with another number of classes is matched on its state_dict's names and shapes instead.
     """
-    import torchvision.models
     module = type(model).__module__
     if not module.startswith("torchvision.models."):
-        return None
+        return None  # and no torchvision import (about 2 s) for a model that is not its
+    import torchvision.models
     candidates = [name for name in sorted(_torchvision_classifiers())
                   if torchvision.models.get_model_builder(name).__module__ == module]
     if not candidates:
@@ -239,14 +240,24 @@ def _timm_preprocessing(config) -> Preprocessing | None:
                          mean=mean, std=std, interpolation=interpolation)
 
 
-def _allowed_module_classes() -> dict[str, type]:
+def _allowed_module_classes(needed: list[str] | None = None) -> dict[str, type]:
     """Every nn.Module class of torch.nn, torchvision.models and torchvision.ops, by full name.
 
     Left out: torch.fx GraphModules (unpickling one compiles and runs the code stored in the
-    file) and torchvision's feature-extraction helpers, which are built on them.
+    file) and torchvision's feature-extraction helpers, which are built on them. Where every
+    ``needed`` name is a class already loaded (a model of torch.nn layers alone), torchvision
+    is not imported: that would add about 2 s to the start for nothing.
     """
+    allowed = _loaded_module_classes()
+    if needed is None or any(name not in allowed for name in needed if name != _PARTIAL):
+        importlib.import_module("torchvision.models")  # and the model and ops modules
+        allowed = _loaded_module_classes()
+    return allowed
+
+
+def _loaded_module_classes() -> dict[str, type]:
+    """The allowed classes among the modules imported so far."""
     import torch.fx
-    import torchvision.models  # noqa: F401  (imports the model and ops modules)
     allowed = {}
     for module_name, module in list(sys.modules.items()):
         if module is None or not module_name.startswith(_ALLOWED_PREFIXES) \
@@ -274,7 +285,7 @@ def _load_file(path: Path, trust_model: bool):
     except Exception as error:
         raise ModelError(f"--model_path {path}: not a file written by torch.save() "
                          f"({type(error).__name__}: {error})") from None
-    allowed = _allowed_module_classes()
+    allowed = _allowed_module_classes(unsafe)
     foreign = [name for name in unsafe if name not in allowed and name != _PARTIAL]
     if not foreign:
         needed = [functools.partial if name == _PARTIAL else allowed[name] for name in unsafe]

@@ -279,6 +279,26 @@ def test_whole_torchvision_model_loads_without_trust(tmp_path: Path) -> None:
         assert torch.equal(loaded.eval()(example), original(example))
 
 
+def test_a_model_of_torch_nn_layers_loads_without_importing_torchvision(
+        tmp_path: Path) -> None:
+    """A whole model made of torch.nn layers alone is checked against the allow-list without
+    importing torchvision (about 2 s of every start), and loads with its weights."""
+    import subprocess
+    original = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(4, 10))
+    path = tmp_path / "plain.pt"
+    torch.save(original, path)
+    code = ("import sys, torch; import models; model, _ = models.load_model(sys.argv[1]); "
+            "print(sum(float(p.sum()) for p in model.parameters()), "
+            "any(name.split('.')[0] == 'torchvision' for name in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    total, imported = done.stdout.split()
+    assert float(total) == pytest.approx(sum(float(p.sum()) for p in original.parameters()))
+    assert imported == "False"
+
+
 def test_user_class_without_trust_is_refused_by_name(user_model: UserModel, images: Path,
                                                      tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
