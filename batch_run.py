@@ -23,7 +23,7 @@ import faults
 import outputs
 import report
 from explainer import ClassPlan, ExplainOptions, Explainer, Target, outputs_of
-from image_loader import (close_loader, handed_over, make_loader,
+from image_loader import (SHARED_MEMORY, close_loader, handed_over, make_loader,
                           quiet_pin_memory_thread)
 from render_pool import InlineRenderer
 from torchrun_group import Distributed
@@ -265,6 +265,11 @@ def _as_stop(stop: BaseException) -> Optional[BaseException]:
     """What a run stops for: a fault, a signal, a dead decode process; None for a bug."""
     if isinstance(stop, (KeyboardInterrupt, faults.Terminated, faults.RunFault)):
         return stop
+    if faults.is_shared_memory_full(stop):
+        return faults.RunFault(
+            f"a decode process found no room for a batch in shared memory ({SHARED_MEMORY} is "
+            f"full); give a container more (docker run --shm-size=1g, or --ipc=host), or use "
+            f"fewer --workers or a smaller --batch_size")
     if faults.is_helper_death(stop):
         received = faults.signal_received()
         if received is not None:  # the group got the signal, and so did we

@@ -32,9 +32,13 @@ class DecodeProcessDied(RuntimeError):
     while handing a batch over, which breaks the connection its shared memory travels on."""
 
 
-# The DataLoader's errors for a dead decode process, and for its pin-memory thread (CUDA),
-# which dies when the hand-over it was unpacking breaks.
-_LOADER_DEATHS = ("DataLoader worker", "Pin memory thread exited unexpectedly")
+# The DataLoader's errors for a dead decode process ("DataLoader worker (pid 7) is killed by
+# signal", "... (pid(s) 7) exited unexpectedly"), and for its pin-memory thread (CUDA), which
+# dies when the hand-over it was unpacking breaks. An error raised inside a decode process
+# reads "Caught ... in DataLoader worker process 0": not a death.
+_LOADER_DEATHS = ("DataLoader worker (pid", "Pin memory thread exited unexpectedly")
+# torch's words when a decode process cannot put a batch in shared memory (/dev/shm is full).
+_SHARED_MEMORY_FULL = "unable to allocate shared memory"
 
 
 def is_helper_death(error: BaseException) -> bool:
@@ -43,6 +47,11 @@ def is_helper_death(error: BaseException) -> bool:
     if isinstance(error, DecodeProcessDied):
         return True
     return isinstance(error, RuntimeError) and any(text in str(error) for text in _LOADER_DEATHS)
+
+
+def is_shared_memory_full(error: BaseException) -> bool:
+    """A decode process found no room in shared memory (/dev/shm) for a batch."""
+    return isinstance(error, RuntimeError) and _SHARED_MEMORY_FULL in str(error)
 
 
 class Terminated(BaseException):

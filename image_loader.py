@@ -10,14 +10,18 @@ none is left behind when the run ends.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
 import faults
+from torchrun_group import local_world_size
 from utils import ImageEntry, Preprocessing, crop_image, load_rgb
 
 
@@ -56,16 +60,60 @@ def collate(items: list) -> dict:
             "failed": [(item[0], item[2]) for item in items if item[2] is not None]}
 
 
+SHARED_MEMORY = Path("/dev/shm")
+PREFETCH = 2  # batches each decode process prepares ahead
+
+
 def make_loader(entries: list[ImageEntry], preprocessing: Preprocessing, batch_size: int,
                 workers: int, device: torch.device) -> torch.utils.data.DataLoader:
-    """Batches of decoded images, in order; decode processes beyond the number of batches
-    would only start, so there are never more than batches."""
+    """Batches of decoded images, in order. Decode processes beyond the number of batches
+    would only start, so there are never more than batches; nor more than the free shared
+    memory holds the batches of (see ``decode_processes_that_fit``)."""
     workers = min(workers, -(-len(entries) // batch_size))
+    workers = decode_processes_that_fit(workers, batch_size * preprocessing.crop ** 2 * 3)
     return torch.utils.data.DataLoader(
         ImageDataset(entries, preprocessing), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
-        prefetch_factor=2 if workers > 0 else None,
+        prefetch_factor=PREFETCH if workers > 0 else None,
         worker_init_fn=_decode_worker_init if workers > 0 else None)
+
+
+def decode_processes_that_fit(workers: int, batch_bytes: int,
+                              free_bytes: int | None = None) -> int:
+    """At most ``workers`` decode processes, as many as the free shared memory holds.
+
+    Each batch a decode process hands over lives in shared memory (/dev/shm) until the model
+    process is done with it: up to ``PREFETCH`` per process, and 2 more held by the model
+    process. A container's /dev/shm is 64 MiB by default, less than 8 processes' batches of
+    64 images need (154 MiB at 224 px); torch then fails to allocate and the run would stop.
+    So fewer processes start, with a warning that says how to give the container more; with
+    none, the model process decodes (no shared memory needed). torchrun's processes on this
+    machine share /dev/shm evenly.
+    """
+    if free_bytes is None:
+        free_bytes = shared_memory_free()
+    if workers == 0 or free_bytes is None:
+        return workers
+    share = free_bytes // local_world_size()
+    fits = max(0, (share // batch_bytes - 2) // PREFETCH)
+    if fits >= workers:
+        return workers
+    print(f"warning: shared memory ({SHARED_MEMORY}) has {free_bytes / 2 ** 20:.0f} MiB free, "
+          f"too little for {workers} decode processes' batches of "
+          f"{batch_bytes / 2 ** 20:.1f} MiB; "
+          + (f"starting {fits}" if fits else "decoding in the main process")
+          + " (give a container more: docker run --shm-size=1g, or --ipc=host)",
+          file=sys.stderr)
+    return fits
+
+
+def shared_memory_free() -> int | None:
+    """Bytes free in /dev/shm, or None where there is none (macOS, Windows)."""
+    try:
+        stats = os.statvfs(SHARED_MEMORY)
+    except (OSError, AttributeError):
+        return None
+    return stats.f_bavail * stats.f_frsize
 
 
 def _decode_worker_init(worker_id: int) -> None:

@@ -34,8 +34,12 @@ def cores_per_process() -> int:
     quota = cpu_quota()
     if quota is not None:
         cores = min(cores, quota)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    return max(1, cores // max(1, local_world))
+    return max(1, cores // local_world_size())
+
+
+def local_world_size() -> int:
+    """How many torchrun processes share this machine (1 without torchrun)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
 
 
 def cpu_quota(root: Path = CGROUP_ROOT) -> int | None:

@@ -479,8 +479,71 @@ def test_what_counts_as_a_decode_process_death() -> None:
                                                "unexpectedly"))
     assert faults.is_helper_death(RuntimeError("Pin memory thread exited unexpectedly"))
     assert faults.is_helper_death(faults.DecodeProcessDied("process(es) 7 exited"))
+    assert faults.is_helper_death(RuntimeError("DataLoader worker (pid 7) is killed by signal: "
+                                               "Killed. "))
     assert not faults.is_helper_death(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not faults.is_helper_death(ConnectionResetError("reset by peer"))
+    # an error raised inside a decode process is not its death
+    assert not faults.is_helper_death(RuntimeError("Caught RuntimeError in DataLoader worker "
+                                                   "process 0."))
+
+
+SHM_FULL = ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most "
+            "recent call last):\n  ...\nRuntimeError: unable to allocate shared memory(shm) "
+            "for file </torch_1_2_0>: No space left on device (28)\n")
+
+
+def test_shared_memory_full_during_a_run_is_one_line_with_the_fix() -> None:
+    """/dev/shm filled by something else during a run: the stop says so and how to give a
+    container more, rather than that a decode process died."""
+    import faults
+    from batch_run import _as_stop
+    stop = _as_stop(RuntimeError(SHM_FULL))
+    assert isinstance(stop, faults.RunFault)
+    assert "shared memory" in str(stop) and "--shm-size" in str(stop)
+    assert "\n" not in str(stop)
+
+
+def test_decode_processes_fit_the_free_shared_memory(monkeypatch, capsys) -> None:
+    """Each decode process holds up to 2 batches in /dev/shm and the model process 2 more;
+    torchrun's processes on the machine share it. Where it is short, fewer start (one warning
+    line); with room for none, the model process decodes."""
+    from image_loader import decode_processes_that_fit
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    mib = 2 ** 20
+    assert decode_processes_that_fit(8, mib, free_bytes=18 * mib) == 8
+    assert capsys.readouterr().err == ""
+    assert decode_processes_that_fit(8, mib, free_bytes=17 * mib) == 7
+    assert decode_processes_that_fit(8, 9 * mib, free_bytes=64 * mib) == 2  # docker's default
+    assert decode_processes_that_fit(8, mib, free_bytes=3 * mib) == 0
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 3 and all("--shm-size" in line for line in warnings)
+    assert "decoding in the main process" in warnings[-1]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert decode_processes_that_fit(8, mib, free_bytes=36 * mib) == 8
+    assert decode_processes_that_fit(8, mib, free_bytes=34 * mib) == 7
+    assert decode_processes_that_fit(0, mib, free_bytes=0) == 0
+
+
+def test_a_small_shared_memory_starts_fewer_decode_processes(tiny_model: Path, images: Path,
+                                                             reference: Path,
+                                                             tmp_path: Path) -> None:
+    """A container's small /dev/shm (here a 1 MiB one, in a mount namespace of the test's
+    own): --workers 4 starts as many decode processes as their batches fit, says so in one
+    warning line, and writes the same files as ever."""
+    mount = "mount -t tmpfs -o size=1m tmpfs /dev/shm"
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("cannot mount a tmpfs on /dev/shm in a mount namespace here (needs root)")
+    command = shlex.join([sys.executable, str(ROOT / "main.py"),
+                          *arguments(tiny_model, images, tmp_path, "--workers", "4")])
+    done = subprocess.run(["unshare", "-m", "sh", "-c", f"{mount} && exec {command}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "starting 2" in warnings[0], done.stderr
+    assert_equal_runs(tmp_path, reference)
 
 
 class _ExitedProcess:
