@@ -23,8 +23,7 @@ import faults
 import outputs
 import report
 from explainer import ClassPlan, ExplainOptions, Explainer, Target, outputs_of
-from image_loader import (SHARED_MEMORY, close_loader, handed_over, make_loader,
-                          quiet_pin_memory_thread)
+from image_loader import SHARED_MEMORY, batches_from, make_loader
 from render_pool import InlineRenderer
 from torchrun_group import Distributed
 from utils import ImageEntry, LabelIndex, Preprocessing, normalise
@@ -197,12 +196,11 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
             log(renderer.take_finished())
         _return_free_memory()
 
-    batches, aborting = None, True
+    aborting = True
     try:
-        batches = iter(make_loader(mine, preprocessing, settings.batch_size, settings.workers,
-                                   device))
-        with quiet_pin_memory_thread():
-            for batch in handed_over(batches):
+        loader = make_loader(mine, preprocessing, settings.batch_size, settings.workers, device)
+        with batches_from(loader) as batches:
+            for batch in batches:
                 explain_batch(batch)
         renderer.flush()
         log(renderer.take_finished())
@@ -212,7 +210,6 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
         if result.stop is None:
             raise
     finally:
-        close_loader(batches)
         renderer.close(abort=aborting)
         if result.stop is not None:
             with contextlib.suppress(faults.RunFault):

@@ -127,38 +127,62 @@ def _decode_worker_init(worker_id: int) -> None:
 PIN_MEMORY_THREAD_EXITED = "Pin memory thread exited unexpectedly"  # the DataLoader's words
 
 
-def handed_over(batches) -> Iterator[dict]:
+@contextlib.contextmanager
+def batches_from(loader: torch.utils.data.DataLoader) -> Iterator[Iterator[dict]]:
+    """The loader's batches, as ``handed_over`` gives them; on the way out, also after an
+    error or a signal, its decode processes are stopped (and its pin-memory thread, on CUDA,
+    has ended) before the pin-memory thread's errors may print again."""
+    kept: list[BaseException] = []
+    batches = None
+    with quiet_pin_memory_thread(kept):
+        try:
+            batches = iter(loader)
+            yield handed_over(batches, kept)
+        finally:
+            close_loader(batches)
+
+
+def handed_over(batches, pin_thread_errors: list[BaseException] = ()) -> Iterator[dict]:
     """The loader's batches. A decode process killed while it hands a batch over breaks the
     connection its shared memory travels on, before the DataLoader notices the death: in this
     thread, or (CUDA) in the pin-memory thread, which then exits. Either is reported as the
-    process's death, by pid, once it is seen to be gone."""
+    process's death, by pid, once it is seen to be gone; a pin-memory thread that failed with
+    every process alive (too many open files, say) is reported with its own error, as kept
+    by ``quiet_pin_memory_thread``."""
     while True:
         try:
             batch = next(batches)
         except StopIteration:
             return
         except (ConnectionError, EOFError, RuntimeError) as error:
-            if isinstance(error, RuntimeError) and PIN_MEMORY_THREAD_EXITED not in str(error):
+            pin_thread = isinstance(error, RuntimeError)
+            if pin_thread and PIN_MEMORY_THREAD_EXITED not in str(error):
                 raise
             dead = dead_decode_processes(batches)
-            if not dead:
-                raise
-            raise faults.DecodeProcessDied(
-                f"process(es) {', '.join(map(str, dead))} exited while handing a batch "
-                f"over") from error
+            if dead:
+                raise faults.DecodeProcessDied(
+                    f"process(es) {', '.join(map(str, dead))} exited while handing a batch "
+                    f"over") from error
+            if pin_thread and pin_thread_errors:
+                cause = pin_thread_errors[0]
+                raise faults.RunFault(f"the DataLoader's pin-memory thread failed "
+                                      f"({type(cause).__name__}: {cause})") from error
+            raise
         yield batch
 
 
 @contextlib.contextmanager
-def quiet_pin_memory_thread() -> Iterator[None]:
-    """While batches are handed over, the DataLoader's pin-memory thread (CUDA) dying of a
-    broken hand-over prints no traceback of its own: the model process reports that decode
-    process's death in one line (``handed_over``). Other threads' errors print as before."""
+def quiet_pin_memory_thread(kept: list[BaseException]) -> Iterator[None]:
+    """While batches are handed over and until the loader is closed, the DataLoader's
+    pin-memory thread (CUDA) dying of a broken hand-over (an OSError or EOFError) prints no
+    traceback of its own: its error goes to ``kept``, and the model process reports the
+    stop in one line (``handed_over``). Other threads' errors print as before."""
     previous = threading.excepthook
 
     def hook(args: threading.ExceptHookArgs) -> None:
         thread = args.thread.name if args.thread is not None else ""
         if "_pin_memory_loop" in thread and issubclass(args.exc_type, (OSError, EOFError)):
+            kept.append(args.exc_value)
             return
         previous(args)
 

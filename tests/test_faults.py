@@ -566,28 +566,34 @@ class _BrokenHandOver:
 
 def test_a_hand_over_broken_in_the_pin_memory_thread_names_the_dead_process() -> None:
     """On CUDA the broken hand-over kills the pin-memory thread, and the DataLoader says only
-    that the thread exited: the run reports the decode process's death, by pid."""
+    that the thread exited: the run reports the decode process's death, by pid; with every
+    process alive, the thread's own error (kept by the hook); a model's error stays itself."""
     import faults
     from image_loader import handed_over
     with pytest.raises(faults.DecodeProcessDied, match="4242"):
         next(handed_over(_BrokenHandOver()))
 
-    class ModelBug(_BrokenHandOver):
+    class AllAlive(_BrokenHandOver):
         _workers = []
 
+    too_many = OSError(24, "Too many open files")
+    with pytest.raises(faults.RunFault, match="pin-memory thread failed.*Too many open files"):
+        next(handed_over(AllAlive(), [too_many]))
+
+    class ModelBug(AllAlive):
         def __next__(self):
             raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
 
     with pytest.raises(RuntimeError, match="mat1"):
-        next(handed_over(ModelBug()))
+        next(handed_over(ModelBug(), [too_many]))
 
 
 def test_the_pin_memory_thread_dies_of_a_broken_hand_over_without_a_traceback(
         monkeypatch) -> None:
     """Only the one-line stop is printed: the pin-memory thread's own ConnectionRefusedError
-    (its unpickling of a dead process's shared memory) is kept from the thread error hook
-    while batches are handed over; any other thread's error, and any error after, reaches
-    it as usual."""
+    (its unpickling of a dead process's shared memory) is kept from the thread error hook,
+    for ``handed_over`` to report; any other thread's error, and any error after, reaches
+    the hook as usual."""
     import threading
 
     from image_loader import quiet_pin_memory_thread
@@ -607,9 +613,86 @@ def test_the_pin_memory_thread_dies_of_a_broken_hand_over_without_a_traceback(
         thread.join()
         return [name.split(" ")[-1] for name in reported]
 
-    hook = threading.excepthook
-    with quiet_pin_memory_thread():
+    hook, kept = threading.excepthook, []
+    with quiet_pin_memory_thread(kept):
         assert run(_pin_memory_loop) == []
         assert run(other_work) == ["(other_work)"]
     assert threading.excepthook is hook
+    assert [type(error) for error in kept] == [ConnectionRefusedError]
     assert run(_pin_memory_loop) == ["(_pin_memory_loop)"]
+
+
+PINNED_HAND_OVER = """
+import os, signal, sys, time
+import multiprocessing.resource_sharer as resource_sharer
+import torch
+import torch.utils.data._utils.pin_memory as pin_memory
+import batch_run, image_loader
+
+# The DataLoader's CUDA path on the CPU: a pin-memory thread that pins nothing.
+torch.accelerator.is_available = lambda: True
+torch.accelerator.current_accelerator = lambda: torch.device("cpu")
+torch.accelerator.current_device_index = lambda: 0
+torch.accelerator.set_device_index = lambda index: None
+pin_memory.pin_memory = lambda data, device=None: data
+# waiting: the model process waits for batch 1 when its process dies; busy: it works on
+# batch 1 when the process dies while batch 2 is fetched.
+broken_batch, = {"waiting": [1], "busy": [2]}[sys.argv[1]]
+fetched = []
+fetch = resource_sharer.DupFd.detach
+
+
+def slow_fetch(self):  # the pin-memory thread takes a second to fetch the broken batch
+    fetched.append(self)
+    if len(fetched) == broken_batch:
+        time.sleep(1.0)
+    return fetch(self)
+
+
+resource_sharer.DupFd.detach = slow_fetch
+
+
+class KilledAfterTheBrokenBatch(torch.utils.data.Dataset):
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, position):
+        if position == 2 * broken_batch:  # the broken batch has been sent
+            time.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return position, torch.zeros(4, 4, 3, dtype=torch.uint8).numpy(), None
+
+
+loader = torch.utils.data.DataLoader(
+    KilledAfterTheBrokenBatch(), batch_size=2, num_workers=1,
+    collate_fn=image_loader.collate, pin_memory=True,
+    worker_init_fn=image_loader._decode_worker_init)
+try:
+    with image_loader.batches_from(loader) as batches:
+        for batch in batches:
+            time.sleep(3)  # the model at work
+except BaseException as error:
+    print("stop:", batch_run._as_stop(error))
+"""
+
+
+@pytest.mark.parametrize("model_process", ["waiting", "busy"])
+def test_the_pin_memory_thread_of_a_killed_decode_process_prints_no_traceback(
+        model_process: str, tmp_path: Path) -> None:
+    """The CUDA hand-over, simulated on the CPU with the DataLoader's own pin-memory thread: a
+    decode process dies while that thread fetches its batch; whether the model process waits
+    for the batch or is busy, the stop is one line, and the thread's traceback is not printed
+    (its error comes while the loader is being closed, after the stop)."""
+    import torch
+    if not all(hasattr(torch.accelerator, name) for name in
+               ("is_available", "current_accelerator", "set_device_index")):
+        pytest.skip("this torch's DataLoader pins without torch.accelerator")
+    script = tmp_path / "hand_over.py"
+    script.write_text(PINNED_HAND_OVER, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script), model_process], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("stop: a decode process died"), done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr, \
+        done.stderr
