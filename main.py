@@ -448,7 +448,8 @@ def run(args: argparse.Namespace, resume_command: str = "") -> int:
     render_workers = (default_render_workers(len(entries), workers)
                       if args.render_workers is None else args.render_workers)
     # a render process takes whole images, and costs its start-up (about a second) and memory
-    renderer = start_renderer(min(render_workers, len(entries)), args.show)
+    from torchrun_group import images_per_process
+    renderer = start_renderer(min(render_workers, images_per_process(len(entries))), args.show)
     try:  # the render processes start while the model loads
         return explain_images(args, entries, workers, renderer, resume_command)
     finally:

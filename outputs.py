@@ -216,7 +216,9 @@ def accuracy(rows: list[list[str]], labels: list[str], top: int) -> tuple[float,
     Folder and predicted labels are compared by name, so classes that share a name (ImageNet
     has two 'crane's) count as the same answer, as a folder name cannot tell them apart.
     Each distinct folder and label is spelt out once: a long run's live report asks for this
-    over every row so far, once a minute (50,000 rows: 0.6 s of the model process otherwise)."""
+    over every row so far, once a minute (50,000 rows: 0.6 s of the model process otherwise).
+    Rows are the tool's own, of full width (a row with fewer than ``top`` labels is judged on
+    the ones it has)."""
     from utils import LabelIndex, name_key
     index = LabelIndex(labels)
     folder_column, first_label = 2, 3

@@ -42,6 +42,12 @@ def local_world_size() -> int:
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
 
 
+def images_per_process(n_images: int) -> int:
+    """The most images one torchrun process takes (every N-th): all of them without torchrun."""
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    return -(-n_images // world)
+
+
 def cpu_quota(root: Path = CGROUP_ROOT) -> int | None:
     """The CPUs a cgroup quota allows (rounded up), or None where there is none or it cannot
     be read: cgroup v2's ``cpu.max`` ("200000 100000": 2 CPUs; "max ...": none), else cgroup

@@ -24,8 +24,8 @@ user of that model. Parts:
   s. start-up: main.py on one image, wall time of a fresh process (with --baseline: both)
   t. throughput as a user sees it (not in the default parts: minutes on a CPU): main.py with
      the built-in model and default flags over N_big images in a fresh process, images/s over
-     the wall time (start-up included) and marginal images/s against N_small images; with
-     --baseline both, interleaved. The target on a GPU machine: >= 600 images/s over >= 2,000.
+     the wall time (start-up included) and marginal images/s against N_small images, after
+     one untimed run of each checkout; with --baseline both, interleaved. The target on a GPU machine: >= 600 images/s over >= 2,000.
 """
 
 from __future__ import annotations
@@ -426,8 +426,14 @@ def throughput_part(args, device: torch.device, workdir: Path) -> list[str]:
     """main.py with the built-in model and default flags over N_small and N_big images, each
     in a fresh process, as a user runs it; the checkouts interleaved."""
     n_small, n_big = args.throughput_images
+    if not 0 < n_small < n_big:
+        raise SystemExit(f"--throughput_images {n_small} {n_big}: give N_SMALL < N_BIG")
     folders = {n: copy_images(workdir / f"images{n}", n) for n in (n_small, n_big)}
     times = {(name, n): [] for name in checkouts(args) for n in folders}
+    for name, checkout in checkouts(args).items():  # untimed: file cache, CUDA libraries
+        timed_run(cli_command(checkout, ["--images_path", str(folders[n_small]), "--n_images",
+                                         "all", "--quiet", "--device", device.type,
+                                         "--save_dir", str(workdir / "out")]), workdir / "out")
     for _ in range(args.throughput_repeats):
         for n, folder in folders.items():
             for name, checkout in checkouts(args).items():
@@ -447,7 +453,8 @@ def throughput_part(args, device: torch.device, workdir: Path) -> list[str]:
     if args.baseline:
         rows.append(f"| t | {BUILTIN_MODEL} | main.py / baseline, wall and marginal | | "
                     f"**{wall['main.py'] / wall['baseline']:.2f}x / "
-                    f"{marginal['main.py'] / marginal['baseline']:.2f}x** | >= 10x on a GPU |")
+                    f"{marginal['main.py'] / marginal['baseline']:.2f}x** | >= 10x on a GPU "
+                    f"(64 -> 600 images/s) |")
     return rows
 
 

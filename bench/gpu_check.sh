@@ -6,15 +6,16 @@
 #   2. the engine on the GPU, batch 64: bench.py parts a-c (the README's GPU table);
 #   3. the whole test suite, the CUDA-only tests included.
 #
-# Usage:  bench/gpu_check.sh [LOG_DIR]        (default: gpu_check; one .log per step)
+# Usage:  bench/gpu_check.sh [LOG_DIR]        (default: ./gpu_check; one .log per step)
 # Environment: BASELINE=DIR   another checkout of the tool for step 1 (e.g. 7db66bd)
 #              MODELS="..."   step 2's models (default: the built-in one, resnet50, vgg16)
 #              STEPS="..."    which of throughput, engine, tests to run (default: all three)
 #              PYTEST_ARGS    extra pytest arguments (e.g. "-n 8" with pytest-xdist)
 # Exit status: 0 when every step ran cleanly, 1 otherwise; each step runs regardless.
 set -uo pipefail
+logs="$(realpath -m "${1:-gpu_check}")"      # relative to where it is run from
+baseline="${BASELINE:+$(realpath -m "$BASELINE")}"
 cd "$(dirname "$0")/.."
-logs="${1:-gpu_check}"
 mkdir -p "$logs"
 export MPLBACKEND=Agg PYTHONUNBUFFERED=1
 models="${MODELS:-efficientnet-lite0 resnet50 vgg16}"
@@ -41,7 +42,7 @@ print(f"{card}; {len(os.sched_getaffinity(0))} usable CPUs; torch {torch.__versi
 EOF
 
 # shellcheck disable=SC2086  # models and pytest arguments are word lists
-step throughput python bench/bench.py --device cuda --parts t ${BASELINE:+--baseline "$BASELINE"}
+step throughput python bench/bench.py --device cuda --parts t ${baseline:+--baseline "$baseline"}
 step engine python bench/bench.py --device cuda --batch_size 64 --parts abc --models $models
 step tests python -m pytest -q ${PYTEST_ARGS:-}
 exit "$failed"

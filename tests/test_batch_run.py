@@ -310,7 +310,8 @@ def test_the_loader_gives_prepare_image_inputs_to_the_bit(preprocessing) -> None
 def test_helper_processes_never_outnumber_their_work(monkeypatch, tmp_path: Path) -> None:
     """A decode process beyond the number of batches, or a render process beyond the number
     of images, would only cost its start and memory: 3 images in batches of 2 start 2 decode
-    processes and 3 render processes, whatever the flags ask for."""
+    processes and 3 render processes (2 per process under torchrun with 2), whatever the flags
+    ask for."""
     entries = list_images(DATA)[:3]
     preprocessing = Preprocessing(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     for batch_size, workers, expected in ((2, 8, 2), (2, 1, 1), (16, 8, 1), (1, 8, 3)):
@@ -324,8 +325,12 @@ def test_helper_processes_never_outnumber_their_work(monkeypatch, tmp_path: Path
         return render_pool.InlineRenderer()
 
     monkeypatch.setattr(render_pool, "start_renderer", start_renderer)
-    assert run_cli("--n_images", "3", "--render_workers", "8", "--model_path",
-                   str(ROOT / "tests" / "figures" / "missing.pt"),
-                   "--save_dir", str(tmp_path)) == 2  # stops at the model, after the start
-    assert started == [3]
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for world, expected in ((None, 3), ("2", 2)):  # torchrun: each process takes every 2nd
+        if world:
+            monkeypatch.setenv("WORLD_SIZE", world)
+        assert run_cli("--n_images", "3", "--render_workers", "8", "--model_path",
+                       str(ROOT / "tests" / "figures" / "missing.pt"),
+                       "--save_dir", str(tmp_path)) == 2  # stops at the model, after the start
+        assert started.pop() == expected
 
