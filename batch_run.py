@@ -262,11 +262,14 @@ def _as_stop(stop: BaseException) -> Optional[BaseException]:
     """What a run stops for: a fault, a signal, a dead decode process; None for a bug."""
     if isinstance(stop, (KeyboardInterrupt, faults.Terminated, faults.RunFault)):
         return stop
-    if faults.is_shared_memory_full(stop):
+    reason = faults.decode_fault(stop)
+    if reason is not None and faults.is_shared_memory_full(stop):
         return faults.RunFault(
-            f"a decode process found no room for a batch in shared memory ({SHARED_MEMORY} is "
-            f"full); give a container more (docker run --shm-size=1g, or --ipc=host), or use "
-            f"fewer --workers or a smaller --batch_size")
+            f"a decode process could not put a batch in shared memory, {SHARED_MEMORY} "
+            f"({reason}); {faults.SHARED_MEMORY_ADVICE}, or use fewer --workers or a smaller "
+            f"--batch_size")
+    if reason is not None:
+        return faults.RunFault(f"a decode process failed ({reason})")
     if faults.is_helper_death(stop):
         received = faults.signal_received()
         if received is not None:  # the group got the signal, and so did we

@@ -33,12 +33,15 @@ class DecodeProcessDied(RuntimeError):
 
 
 # The DataLoader's errors for a dead decode process ("DataLoader worker (pid 7) is killed by
-# signal", "... (pid(s) 7) exited unexpectedly"), and for its pin-memory thread (CUDA), which
-# dies when the hand-over it was unpacking breaks. An error raised inside a decode process
-# reads "Caught ... in DataLoader worker process 0": not a death.
-_LOADER_DEATHS = ("DataLoader worker (pid", "Pin memory thread exited unexpectedly")
-# torch's words when a decode process cannot put a batch in shared memory (/dev/shm is full).
-_SHARED_MEMORY_FULL = "unable to allocate shared memory"
+# signal", "... (pid(s) 7) exited unexpectedly"). An error raised inside a decode process
+# comes back as "Caught X in DataLoader worker process 0.", not a death (see decode_fault).
+_LOADER_DEATHS = ("DataLoader worker (pid",)
+_IN_DECODE_PROCESS = "in DataLoader worker process"
+# torch's words when a decode process cannot put a batch in shared memory (/dev/shm).
+_SHARED_MEMORY = ("unable to allocate shared memory", "unable to open shared memory")
+_OUT_OF_MEMORY = ("not enough memory", "Cannot allocate memory")
+SHARED_MEMORY_ADVICE = ("give a container more with docker run --shm-size=1g (or --ipc=host), "
+                        "or in Kubernetes an emptyDir of medium Memory at /dev/shm")
 
 
 def is_helper_death(error: BaseException) -> bool:
@@ -49,9 +52,23 @@ def is_helper_death(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and any(text in str(error) for text in _LOADER_DEATHS)
 
 
+def decode_fault(error: BaseException) -> Optional[str]:
+    """The reason, in torch's last line, when a decode process raised because of the machine
+    (shared memory, memory, an OS error), which the DataLoader re-raises here as "Caught X in
+    DataLoader worker process N" with the process's traceback; None for anything else raised
+    there (a bug, which should show its traceback)."""
+    text = str(error)
+    if _IN_DECODE_PROCESS not in text:
+        return None
+    if isinstance(error, (OSError, MemoryError)) or any(
+            words in text for words in _SHARED_MEMORY + _OUT_OF_MEMORY):
+        return text.strip().splitlines()[-1]
+    return None
+
+
 def is_shared_memory_full(error: BaseException) -> bool:
-    """A decode process found no room in shared memory (/dev/shm) for a batch."""
-    return isinstance(error, RuntimeError) and _SHARED_MEMORY_FULL in str(error)
+    """A decode process found no room (or none at all) for a batch in shared memory."""
+    return any(words in str(error) for words in _SHARED_MEMORY)
 
 
 class Terminated(BaseException):

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -62,6 +62,7 @@ def collate(items: list) -> dict:
 
 SHARED_MEMORY = Path("/dev/shm")
 PREFETCH = 2  # batches each decode process prepares ahead
+SLACK = 2 ** 20  # shared memory left to the DataLoader's own queues and locks
 
 
 def make_loader(entries: list[ImageEntry], preprocessing: Preprocessing, batch_size: int,
@@ -83,27 +84,28 @@ def decode_processes_that_fit(workers: int, batch_bytes: int,
     """At most ``workers`` decode processes, as many as the free shared memory holds.
 
     Each batch a decode process hands over lives in shared memory (/dev/shm) until the model
-    process is done with it: up to ``PREFETCH`` per process, and 2 more held by the model
-    process. A container's /dev/shm is 64 MiB by default, less than 8 processes' batches of
-    64 images need (154 MiB at 224 px); torch then fails to allocate and the run would stop.
-    So fewer processes start, with a warning that says how to give the container more; with
-    none, the model process decodes (no shared memory needed). torchrun's processes on this
-    machine share /dev/shm evenly.
+    process takes its own copy (``handed_over``): up to ``PREFETCH`` batches per process. A
+    container's /dev/shm is 64 MiB by default, less than 8 processes' batches of 64 images
+    need (147 MiB at 224 px); torch then fails to allocate and the run would stop. So fewer
+    processes start, with a warning that says how to give the container more; with none, the
+    model process decodes (no shared memory needed). torchrun's processes on this machine
+    share /dev/shm evenly.
     """
     if free_bytes is None:
         free_bytes = shared_memory_free()
     if workers == 0 or free_bytes is None:
         return workers
-    share = free_bytes // local_world_size()
-    fits = max(0, (share // batch_bytes - 2) // PREFETCH)
+    local_world = local_world_size()
+    share = free_bytes // local_world - SLACK
+    fits = max(0, share // (PREFETCH * batch_bytes))
     if fits >= workers:
         return workers
-    print(f"warning: shared memory ({SHARED_MEMORY}) has {free_bytes / 2 ** 20:.0f} MiB free, "
-          f"too little for {workers} decode processes' batches of "
+    whose = "its share of " if local_world > 1 else ""
+    print(f"warning: {whose}shared memory ({SHARED_MEMORY}, {free_bytes / 2 ** 20:.0f} MiB free)"
+          f" is too little for {workers} decode processes' batches of "
           f"{batch_bytes / 2 ** 20:.1f} MiB; "
           + (f"starting {fits}" if fits else "decoding in the main process")
-          + " (give a container more: docker run --shm-size=1g, or --ipc=host)",
-          file=sys.stderr)
+          + f"; {faults.SHARED_MEMORY_ADVICE}", file=sys.stderr)
     return fits
 
 
@@ -142,13 +144,16 @@ def batches_from(loader: torch.utils.data.DataLoader) -> Iterator[Iterator[dict]
             close_loader(batches)
 
 
-def handed_over(batches, pin_thread_errors: list[BaseException] = ()) -> Iterator[dict]:
-    """The loader's batches. A decode process killed while it hands a batch over breaks the
-    connection its shared memory travels on, before the DataLoader notices the death: in this
-    thread, or (CUDA) in the pin-memory thread, which then exits. Either is reported as the
-    process's death, by pid, once it is seen to be gone; a pin-memory thread that failed with
-    every process alive (too many open files, say) is reported with its own error, as kept
-    by ``quiet_pin_memory_thread``."""
+def handed_over(batches, pin_thread_errors: Sequence[BaseException] = ()) -> Iterator[dict]:
+    """The loader's batches, each in the model process's own memory: a copy out of shared
+    memory, which the render jobs' crops would otherwise hold on to (and /dev/shm is small in
+    a container). On CUDA the pin-memory thread has made that copy already.
+
+    A decode process killed while it hands a batch over breaks the connection its shared
+    memory travels on, before the DataLoader notices the death: in this thread, or (CUDA) in
+    the pin-memory thread, which then exits. Either is reported as the process's death, by
+    pid, once it is seen to be gone; a break with every process alive is reported with its
+    own error (for the pin-memory thread, as kept by ``quiet_pin_memory_thread``)."""
     while True:
         try:
             batch = next(batches)
@@ -163,25 +168,24 @@ def handed_over(batches, pin_thread_errors: list[BaseException] = ()) -> Iterato
                 raise faults.DecodeProcessDied(
                     f"process(es) {', '.join(map(str, dead))} exited while handing a batch "
                     f"over") from error
-            if pin_thread and pin_thread_errors:
-                cause = pin_thread_errors[0]
-                raise faults.RunFault(f"the DataLoader's pin-memory thread failed "
-                                      f"({type(cause).__name__}: {cause})") from error
-            raise
+            cause = pin_thread_errors[0] if pin_thread and pin_thread_errors else error
+            where = "the DataLoader's pin-memory thread" if pin_thread else "a batch's hand-over"
+            raise faults.RunFault(f"{where} failed ({type(cause).__name__}: {cause})") from error
+        if batch["shown"] is not None and batch["shown"].is_shared():
+            batch["shown"] = batch["shown"].clone()
         yield batch
 
 
 @contextlib.contextmanager
 def quiet_pin_memory_thread(kept: list[BaseException]) -> Iterator[None]:
     """While batches are handed over and until the loader is closed, the DataLoader's
-    pin-memory thread (CUDA) dying of a broken hand-over (an OSError or EOFError) prints no
-    traceback of its own: its error goes to ``kept``, and the model process reports the
-    stop in one line (``handed_over``). Other threads' errors print as before."""
+    pin-memory thread (CUDA) dying (of a broken hand-over, say) prints no traceback of its
+    own: its error goes to ``kept``, and the model process reports the stop in one line
+    (``handed_over``). Other threads' errors print as before."""
     previous = threading.excepthook
 
     def hook(args: threading.ExceptHookArgs) -> None:
-        thread = args.thread.name if args.thread is not None else ""
-        if "_pin_memory_loop" in thread and issubclass(args.exc_type, (OSError, EOFError)):
+        if args.thread is not None and "_pin_memory_loop" in args.thread.name:
             kept.append(args.exc_value)
             return
         previous(args)

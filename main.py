@@ -449,7 +449,15 @@ def run(args: argparse.Namespace, resume_command: str = "") -> int:
                       if args.render_workers is None else args.render_workers)
     # a render process takes whole images, and costs its start-up (about a second) and memory
     from torchrun_group import images_per_process
-    renderer = start_renderer(min(render_workers, images_per_process(len(entries))), args.show)
+    try:
+        renderer = start_renderer(min(render_workers, images_per_process(len(entries))),
+                                  args.show)
+    except OSError as error:  # their queues' locks live in /dev/shm
+        import faults
+        raise UsageError(f"cannot start the render processes ({error.strerror or error}): "
+                         f"shared memory (/dev/shm) is full or missing; free it, "
+                         f"{faults.SHARED_MEMORY_ADVICE}, or draw in this process with "
+                         f"--render_workers 0") from None
     try:  # the render processes start while the model loads
         return explain_images(args, entries, workers, renderer, resume_command)
     finally:

@@ -25,7 +25,8 @@ user of that model. Parts:
   t. throughput as a user sees it (not in the default parts: minutes on a CPU): main.py with
      the built-in model and default flags over N_big images in a fresh process, images/s over
      the wall time (start-up included) and marginal images/s against N_small images, after
-     one untimed run of each checkout; with --baseline both, interleaved. The target on a GPU machine: >= 600 images/s over >= 2,000.
+     one untimed run of each checkout; with --baseline both, interleaved. The target on a GPU
+     machine: >= 600 images/s over >= 2,000.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@
 #              PYTEST_ARGS    extra pytest arguments (e.g. "-n 8" with pytest-xdist)
 # Exit status: 0 when every step ran cleanly, 1 otherwise; each step runs regardless.
 set -uo pipefail
-logs="$(realpath -m "${1:-gpu_check}")"      # relative to where it is run from
-baseline="${BASELINE:+$(realpath -m "$BASELINE")}"
+absolute() { python -c 'import os, sys; print(os.path.abspath(sys.argv[1]))' "$1"; }
+logs="$(absolute "${1:-gpu_check}")"      # both relative to where it is run from
+baseline="${BASELINE:+$(absolute "$BASELINE")}"
 cd "$(dirname "$0")/.."
 mkdir -p "$logs"
 export MPLBACKEND=Agg PYTHONUNBUFFERED=1

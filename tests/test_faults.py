@@ -14,6 +14,7 @@ import errno
 import io
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -472,78 +473,126 @@ def test_a_model_raising_on_one_image_skips_only_that_image(images: Path, tmp_pa
 
 
 def test_what_counts_as_a_decode_process_death() -> None:
-    """The DataLoader's own errors, its pin-memory thread's (CUDA), and a hand-over broken
-    by a killed process; a model's own RuntimeError is not one."""
+    """The DataLoader's own words for a dead process, and a hand-over broken by a killed
+    process; a model's own RuntimeError is not one, nor an error raised inside a decode
+    process, nor the pin-memory thread's exit alone (handed_over tells what caused it)."""
     import faults
     assert faults.is_helper_death(RuntimeError("DataLoader worker (pid(s) 7) exited "
                                                "unexpectedly"))
-    assert faults.is_helper_death(RuntimeError("Pin memory thread exited unexpectedly"))
-    assert faults.is_helper_death(faults.DecodeProcessDied("process(es) 7 exited"))
     assert faults.is_helper_death(RuntimeError("DataLoader worker (pid 7) is killed by signal: "
                                                "Killed. "))
+    assert faults.is_helper_death(faults.DecodeProcessDied("process(es) 7 exited"))
     assert not faults.is_helper_death(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not faults.is_helper_death(ConnectionResetError("reset by peer"))
-    # an error raised inside a decode process is not its death
     assert not faults.is_helper_death(RuntimeError("Caught RuntimeError in DataLoader worker "
                                                    "process 0."))
+    assert not faults.is_helper_death(RuntimeError("Pin memory thread exited unexpectedly"))
 
 
-SHM_FULL = ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most "
-            "recent call last):\n  ...\nRuntimeError: unable to allocate shared memory(shm) "
-            "for file </torch_1_2_0>: No space left on device (28)\n")
+def _raised_in_a_decode_process(kind: type, last_line: str) -> BaseException:
+    """What the DataLoader raises in the model process for an error inside a decode process."""
+    return kind(f"Caught {kind.__name__} in DataLoader worker process 0.\nOriginal Traceback "
+                f"(most recent call last):\n  File ...\n{kind.__name__}: {last_line}\n")
 
 
-def test_shared_memory_full_during_a_run_is_one_line_with_the_fix() -> None:
-    """/dev/shm filled by something else during a run: the stop says so and how to give a
-    container more, rather than that a decode process died."""
+@pytest.mark.parametrize("kind, last_line, fragments", [
+    (RuntimeError, "unable to allocate shared memory(shm) for file </torch_1_2_0>: No space "
+                   "left on device (28)", ["shared memory", "No space left", "--shm-size",
+                                           "--workers"]),
+    (RuntimeError, "unable to open shared memory object </torch_1_2_0> in read-write mode: "
+                   "No such file or directory (2)", ["shared memory", "--shm-size"]),
+    (RuntimeError, "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough "
+                   "memory: you tried to allocate 9633792 bytes.", ["failed", "not enough memory"]),
+    (MemoryError, "", ["failed", "MemoryError"]),
+    (OSError, "[Errno 24] Too many open files", ["failed", "Too many open files"])])
+def test_a_decode_process_failing_for_the_machine_is_one_line(
+        kind: type, last_line: str, fragments: list[str]) -> None:
+    """Shared memory full or missing, memory, an OS error inside a decode process: the stop
+    is one line with torch's reason (and the fix for shared memory), not a death, and never
+    "cannot write in save_dir"."""
     import faults
     from batch_run import _as_stop
-    stop = _as_stop(RuntimeError(SHM_FULL))
+    stop = _as_stop(_raised_in_a_decode_process(kind, last_line))
     assert isinstance(stop, faults.RunFault)
-    assert "shared memory" in str(stop) and "--shm-size" in str(stop)
-    assert "\n" not in str(stop)
+    assert "\n" not in str(stop) and "save_dir" not in str(stop)
+    assert all(fragment in str(stop) for fragment in fragments), str(stop)
+
+
+def test_a_bug_inside_a_decode_process_keeps_its_traceback() -> None:
+    """Anything else raised inside a decode process is a bug: _as_stop leaves it to be
+    raised with its traceback."""
+    from batch_run import _as_stop
+    assert _as_stop(_raised_in_a_decode_process(ValueError, "too many values")) is None
+    assert _as_stop(_raised_in_a_decode_process(RuntimeError, "shape mismatch")) is None
 
 
 def test_decode_processes_fit_the_free_shared_memory(monkeypatch, capsys) -> None:
-    """Each decode process holds up to 2 batches in /dev/shm and the model process 2 more;
-    torchrun's processes on the machine share it. Where it is short, fewer start (one warning
-    line); with room for none, the model process decodes."""
+    """Each decode process holds up to 2 batches in /dev/shm (the model process copies each
+    out at once), with 1 MiB left to the DataLoader's queues; torchrun's processes on the
+    machine share it. Where it is short, fewer start (one warning line); with room for none,
+    the model process decodes."""
     from image_loader import decode_processes_that_fit
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     mib = 2 ** 20
-    assert decode_processes_that_fit(8, mib, free_bytes=18 * mib) == 8
+    assert decode_processes_that_fit(8, mib, free_bytes=17 * mib) == 8
     assert capsys.readouterr().err == ""
-    assert decode_processes_that_fit(8, mib, free_bytes=17 * mib) == 7
-    assert decode_processes_that_fit(8, 9 * mib, free_bytes=64 * mib) == 2  # docker's default
-    assert decode_processes_that_fit(8, mib, free_bytes=3 * mib) == 0
+    assert decode_processes_that_fit(8, mib, free_bytes=16 * mib) == 7
+    batch_64 = 64 * 224 * 224 * 3
+    assert decode_processes_that_fit(8, batch_64, free_bytes=64 * mib) == 3  # docker's default
+    assert decode_processes_that_fit(8, mib, free_bytes=2 * mib) == 0
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 3 and all("--shm-size" in line for line in warnings)
     assert "decoding in the main process" in warnings[-1]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert decode_processes_that_fit(8, mib, free_bytes=36 * mib) == 8
-    assert decode_processes_that_fit(8, mib, free_bytes=34 * mib) == 7
+    assert decode_processes_that_fit(8, mib, free_bytes=34 * mib) == 8
+    assert decode_processes_that_fit(8, mib, free_bytes=32 * mib) == 7
+    assert "its share of shared memory" in capsys.readouterr().err
     assert decode_processes_that_fit(0, mib, free_bytes=0) == 0
+
+
+def _in_a_small_shared_memory(megabytes: int, command: list[str],
+                              filled: bool = False) -> subprocess.CompletedProcess:
+    """``command`` with a /dev/shm of its own (a tmpfs in a mount namespace), as small as a
+    container's, optionally filled up first; the test is skipped where that needs rights
+    this machine does not give."""
+    mount = f"mount -t tmpfs -o size={megabytes}m tmpfs /dev/shm"
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True) \
+        if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("cannot mount a tmpfs on /dev/shm in a mount namespace here (needs root)")
+    fill = " && (cat /dev/zero > /dev/shm/filler 2>/dev/null; true)" if filled else ""
+    return subprocess.run(["unshare", "-m", "sh", "-c",
+                           f"{mount}{fill} && exec {shlex.join(command)}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
 
 
 def test_a_small_shared_memory_starts_fewer_decode_processes(tiny_model: Path, images: Path,
                                                              reference: Path,
                                                              tmp_path: Path) -> None:
-    """A container's small /dev/shm (here a 1 MiB one, in a mount namespace of the test's
-    own): --workers 4 starts as many decode processes as their batches fit, says so in one
-    warning line, and writes the same files as ever."""
-    mount = "mount -t tmpfs -o size=1m tmpfs /dev/shm"
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip("cannot mount a tmpfs on /dev/shm in a mount namespace here (needs root)")
-    command = shlex.join([sys.executable, str(ROOT / "main.py"),
-                          *arguments(tiny_model, images, tmp_path, "--workers", "4")])
-    done = subprocess.run(["unshare", "-m", "sh", "-c", f"{mount} && exec {command}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    """A container's small /dev/shm (here 2 MiB): --workers 4 starts as many decode
+    processes as their batches fit (3 of 1 image), says so in one warning line, and writes
+    the same files as ever, however many render processes hold crops."""
+    done = _in_a_small_shared_memory(2, [
+        sys.executable, str(ROOT / "main.py"),
+        *arguments(tiny_model, images, tmp_path, "--workers", "4", "--render_workers", "4")])
     assert done.returncode == 0, done.stderr[-3000:]
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "starting 2" in warnings[0], done.stderr
+    assert len(warnings) == 1 and "starting 3" in warnings[0], done.stderr
     assert_equal_runs(tmp_path, reference)
+
+
+def test_a_full_shared_memory_at_the_start_is_one_line(tiny_model: Path, images: Path,
+                                                       tmp_path: Path) -> None:
+    """/dev/shm already full: the render processes cannot start (their queues' locks live
+    there); one line that says so and how to go on, exit 2, no traceback."""
+    done = _in_a_small_shared_memory(1, [
+        sys.executable, str(ROOT / "main.py"),
+        *arguments(tiny_model, images, tmp_path, "--render_workers", "2")], filled=True)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "/dev/shm" in lines[0] and "--render_workers 0" in lines[0], \
+        done.stderr
 
 
 class _ExitedProcess:
