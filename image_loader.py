@@ -1,10 +1,11 @@
 """Images in: decode processes that read, resize and crop each image and hand over batches.
 
 A DataLoader's worker processes decode the images; each batch reaches the model process as one
-(B, H, W, 3) uint8 tensor in shared memory (a quarter of float32's bytes), and the model
-process normalises it on its device (``utils.normalise``). A file that cannot be decoded comes
-back as its error, to be skipped by name. A decode process that dies is reported as such, and
-none is left behind when the run ends.
+(B, H, W, 3) uint8 tensor through shared memory (a quarter of float32's bytes), which the model
+process copies out at once and normalises on its device (``utils.normalise``). As many decode
+processes start as /dev/shm holds the batches of. A file that cannot be decoded comes back as
+its error, to be skipped by name. A decode process that dies is reported as such, in one line,
+and none is left behind when the run ends.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def collate(items: list) -> dict:
     """The batch's crops as one (B, H, W, 3) uint8 tensor, built in shared memory inside a
-    decode process, so it reaches the model process without another copy."""
+    decode process, so it crosses to the model process without being pickled."""
     good = [item for item in items if item[2] is None]
     shown = None
     if good:
