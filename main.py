@@ -405,7 +405,7 @@ def make_save_dir(save_dir: str, save_raw: bool) -> Path:
 
 def default_workers(n_images: int) -> int:
     """Decode processes: half of this process's cores (see ``cores_per_process``), at most 8;
-    the model and the render processes share the rest. None for a single image, which has
+    the model and the render processes share the rest. 0 for a single image, which has
     nothing to decode ahead (a decode process would only cost its start, about 0.1 s)."""
     from torchrun_group import cores_per_process
     if n_images <= 1:

@@ -431,17 +431,18 @@ def throughput_part(args, device: torch.device, workdir: Path) -> list[str]:
         raise SystemExit(f"--throughput_images {n_small} {n_big}: give N_SMALL < N_BIG")
     folders = {n: copy_images(workdir / f"images{n}", n) for n in (n_small, n_big)}
     times = {(name, n): [] for name in checkouts(args) for n in folders}
-    for name, checkout in checkouts(args).items():  # untimed: file cache, CUDA libraries
-        timed_run(cli_command(checkout, ["--images_path", str(folders[n_small]), "--n_images",
-                                         "all", "--quiet", "--device", device.type,
-                                         "--save_dir", str(workdir / "out")]), workdir / "out")
+
+    def seconds(checkout: Path, folder: Path) -> float:
+        return timed_run(cli_command(checkout, [
+            "--images_path", str(folder), "--n_images", "all", "--quiet",
+            "--device", device.type, "--save_dir", str(workdir / "out")]), workdir / "out")
+
+    for checkout in checkouts(args).values():  # untimed: file cache, CUDA libraries
+        seconds(checkout, folders[n_small])
     for _ in range(args.throughput_repeats):
         for n, folder in folders.items():
             for name, checkout in checkouts(args).items():
-                command = cli_command(checkout, [
-                    "--images_path", str(folder), "--n_images", "all", "--quiet",
-                    "--device", device.type, "--save_dir", str(workdir / "out")])
-                times[(name, n)].append(timed_run(command, workdir / "out"))
+                times[(name, n)].append(seconds(checkout, folder))
     wall, marginal = {}, {}
     for name in checkouts(args):
         big, small = (statistics.median(times[(name, n)]) for n in (n_big, n_small))
