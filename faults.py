@@ -4,7 +4,8 @@ A run that stops part-way (a write fails, a helper process dies, SIGTERM or Ctrl
 one line that says why, how many images are done and the exact command that resumes it. The
 signal handlers raise in the main thread, except inside ``deferred()`` sections (a queue
 read, a summary row being appended), which finish first, so a stop never leaves a half-read
-message or a half-written row behind.
+message or a half-written row behind, and once every image is done (``run_complete``), when a
+stop would save nothing.
 """
 
 from __future__ import annotations
@@ -75,10 +76,14 @@ class Terminated(BaseException):
     """SIGTERM arrived: stop cleanly, like Ctrl-C (a BaseException, so nothing swallows it)."""
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class _State:
     deferred = 0
     pending: Optional[int] = None
     received: Optional[int] = None
+    complete = False
 
 
 def _stop_for(signum: int) -> BaseException:
@@ -87,6 +92,8 @@ def _stop_for(signum: int) -> BaseException:
 
 def _handler(signum: int, frame) -> None:
     _State.received = signum
+    if _State.complete:  # every image is done: the run ends whole either way
+        return
     if _State.deferred:
         _State.pending = signum
         return
@@ -113,20 +120,58 @@ def deferred() -> Iterator[None]:
             raise _stop_for(signum)
 
 
+def run_complete() -> None:
+    """Every image of the run is done: from here until ``stop_signals`` ends, a stop signal is
+    noted and dropped. Stopping would save nothing (the last steps write summary.csv and the
+    report, in about a second at 50,000 images) and would only report a finished run as
+    stopped, or cut its last file short."""
+    _State.complete = True
+    _State.pending = None
+
+
 def signal_received() -> Optional[int]:
     """The stop signal this process got, if any (a dying helper may be a side effect of it)."""
     return _State.received
 
 
 @contextlib.contextmanager
+def helpers_start_deaf() -> Iterator[None]:
+    """Processes started inside begin with SIGINT and SIGTERM blocked (a child inherits the
+    mask, through exec too), so the terminal's Ctrl-C, which goes to the whole process group,
+    cannot cut their start-up short with a traceback; each then ignores both for good, and
+    the model process stops them. A signal that arrives meanwhile reaches this process when
+    the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_stop_signals() -> None:
+    """The command line's first step: stop signals are ignored outside ``stop_signals``, which
+    puts this back when it ends. So the interpreter's shutdown after a run, finished or
+    stopped, is never cut short (Ctrl-C there would print a traceback from an exit handler,
+    and SIGTERM would turn a finished run's exit code into 143), with no moment between the
+    run's end and the shutdown where a default handler is back. Python leaves SIG_IGN in
+    place while it shuts down, and a process started outside ``stop_signals`` inherits it."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
 def stop_signals() -> Iterator[None]:
-    """SIGTERM and SIGINT become exceptions in the main thread while the block runs."""
-    _State.deferred, _State.pending, _State.received = 0, None, None
+    """SIGTERM and SIGINT become exceptions in the main thread while the block runs (deferred
+    inside ``deferred()``, dropped after ``run_complete()``)."""
+    _State.deferred, _State.pending, _State.received, _State.complete = 0, None, None, False
     import threading
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for s in previous:
         signal.signal(s, _handler)
     try:
@@ -134,6 +179,7 @@ def stop_signals() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        _State.complete = False
 
 
 def exit_code_for(stop: BaseException) -> int:

@@ -123,8 +123,8 @@ def _decode_worker_init(worker_id: int) -> None:
     """A decode process ignores the terminal's Ctrl-C and a SIGTERM sent to the whole group
     (the model process stops it), and dies with the model process, so none is left behind."""
     faults.die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in faults.STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 PIN_MEMORY_THREAD_EXITED = "Pin memory thread exited unexpectedly"  # the DataLoader's words
@@ -139,7 +139,8 @@ def batches_from(loader: torch.utils.data.DataLoader) -> Iterator[Iterator[dict]
     batches = None
     with quiet_pin_memory_thread(kept):
         try:
-            batches = iter(loader)
+            with faults.helpers_start_deaf():  # iter() starts the decode processes
+                batches = iter(loader)
             yield handed_over(batches, kept)
         finally:
             close_loader(batches)

@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+import faults
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam")
 CPU_BATCH_SIZE = 16
@@ -224,18 +226,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as done:  # --help
         return int(done.code or 0)
-    import faults
-    from models import ModelError
-    from utils import InputError
-    with faults.stop_signals():
+    with faults.stop_signals():  # already while torch loads: a stop then is one line too
         try:
+            from utils import InputError  # models.ModelError is one
             return run(args, faults.resume_command(argv))
-        except (UsageError, ModelError, InputError) as error:
-            print(f"main.py: error: {error}", file=sys.stderr)
-            return 2
         except (KeyboardInterrupt, faults.Terminated) as stop:  # before any image was done
             print(f"main.py: {faults.describe_stop(stop)}", file=sys.stderr)
             return faults.exit_code_for(stop)
+        except (UsageError, InputError) as error:
+            print(f"main.py: error: {error}", file=sys.stderr)
+            return 2
 
 
 def pick_device(name: str, local_rank: int = 0):
@@ -453,7 +453,6 @@ def run(args: argparse.Namespace, resume_command: str = "") -> int:
         renderer = start_renderer(min(render_workers, images_per_process(len(entries))),
                                   args.show)
     except OSError as error:  # their queues' locks live in /dev/shm
-        import faults
         raise UsageError(f"cannot start the render processes ({error.strerror or error}): "
                          f"shared memory (/dev/shm) is full or missing; free it, "
                          f"{faults.SHARED_MEMORY_ADVICE}, or draw in this process with "
@@ -469,7 +468,6 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
     """Load, discover layers, then explain ``entries``; returns the exit code."""
     import torch
 
-    import faults
     from batch_run import RunSettings, finish, run_batches
     from explainer import ExplainOptions
     from gradcam import layers_in_run_order
@@ -525,4 +523,5 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
 
 
 if __name__ == "__main__":
+    faults.ignore_stop_signals()  # main() handles them; the interpreter's shutdown ignores them
     sys.exit(main())

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils import IMAGENET_PREPROCESSING, Preprocessing
+from utils import IMAGENET_PREPROCESSING, InputError, Preprocessing
 
 BUILTIN_MODEL = "efficientnet-lite0"
 BUILTIN_PREPROCESSING = Preprocessing(resize=256, crop=224, mean=(0.5, 0.5, 0.5),
@@ -40,7 +40,7 @@ _ALLOWED_PREFIXES = ("torch.nn.", "torchvision.models.", "torchvision.ops.")
 _PARTIAL = "functools.partial"
 
 
-class ModelError(Exception):
+class ModelError(InputError):
     """A model that cannot be loaded, with a message that names the input and the fix."""
 
 

@@ -144,13 +144,15 @@ class RenderPool:
         self._in_flight: set[int] = set()
         self._finished: list[int] = []
         self._folders: set[Path] = set()
-        self._closed = False
+        self._closed = False  # no more images: close() has begun
+        self._ended = False   # every process has ended and the queues are closed
         self._processes = [context.Process(target=_serve, name=f"render-{i}", daemon=True,
                                            args=(self._jobs, self._done, self._stop,
                                                  os.getpid()))
                            for i in range(workers)]
-        for process in self._processes:
-            process.start()
+        with faults.helpers_start_deaf():
+            for process in self._processes:
+                process.start()
 
     def hold_batches_of(self, batch_size: int) -> None:
         """Let a whole batch be in flight, so the model goes on to the next batch while this
@@ -159,8 +161,8 @@ class RenderPool:
 
     def submit(self, job: ImageJob) -> None:
         """Queue one image; waits (collecting finished images) while ``limit`` are in flight.
-        Below the limit it does not look for finished images: ``take_finished`` does, and
-        each look costs the model process a poll of the pipe (about 0.1 ms)."""
+        Below the limit it does not look for finished images: ``take_finished``, called
+        after each submit, does (a look costs the model process about 10-20 us)."""
         while len(self._in_flight) >= self.limit:
             self._collect(block=True)
         self._folders |= {path.parent for path in job.paths()}
@@ -183,15 +185,17 @@ class RenderPool:
         """End the processes. ``abort``: each finishes the image it is writing (for at most
         ``ABORT_S``), the queued ones are dropped, then any left are ended and the temporary
         files they leave are removed. Which images finished is then told by their files
-        (see batch_run), not by messages, which a stop may have cut."""
-        if self._closed:
+        (see batch_run), not by messages, which a stop may have cut. A close that a stop
+        signal cut short is finished by the next call (an abort); after one that went
+        through, a call does nothing."""
+        if self._ended:
             return
-        self._closed = True
         if abort:
             self._stop.set()
-        else:
+        elif not self._closed:
             for _ in self._processes:
                 self._jobs.put(None)
+        self._closed = True
         deadline = time.monotonic() + (ABORT_S if abort else CLOSE_S)
         for process in self._processes:
             process.join(max(0.0, deadline - time.monotonic()))
@@ -203,6 +207,7 @@ class RenderPool:
         for channel in (self._jobs, self._done):
             channel.cancel_join_thread()
             channel.close()
+        self._ended = True
 
     def _collect(self, block: bool) -> None:
         """Move finished images to ``_finished``; raise for a failed image or dead process."""
@@ -233,7 +238,8 @@ def _serve(jobs, done, stop, parent: int) -> None:
     faults.die_with_parent()
     if os.getppid() != parent:
         return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C: the model process stops us
+    for signum in faults.STOP_SIGNALS:  # Ctrl-C, or SIGTERM sent to the whole group: the
+        signal.signal(signum, signal.SIG_IGN)  # model process stops us
     writers: dict = {}
     while not stop.is_set():
         try:

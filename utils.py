@@ -23,7 +23,8 @@ IMAGENET_LABELS_PATH = Path(__file__).resolve().parent / "imagenet1000_labels.tx
 
 
 class InputError(Exception):
-    """A user mistake in the images or labels given, with a message that says what to do."""
+    """A user mistake in the inputs given (images, labels, a model file), with a message
+    that says what to do."""
 
 
 # ----------------------------------------------------------------------------- images in

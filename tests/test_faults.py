@@ -336,6 +336,88 @@ def test_sigterm_stops_cleanly_and_resumes(tiny_model: Path, images: Path, refer
     resume_and_compare(fault_line(err), tmp_path, reference)
 
 
+def in_its_own_group(argv: list[str]) -> subprocess.Popen:
+    """main.py as a shell runs it: the leader of a process group, which a terminal's Ctrl-C
+    reaches whole (every decode and render process with it)."""
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *argv], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+
+
+def group_alive(group: int) -> list[int]:
+    """The processes of a process group still running (zombies are not)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == group and fields[0] != "Z":
+                    found.append(int(entry.name))
+    return found
+
+
+def importing_numpy(pid: int) -> bool:
+    """Whether numpy's compiled core is mapped into the process."""
+    with contextlib.suppress(OSError):
+        return "_multiarray_umath" in Path(f"/proc/{pid}/maps").read_text()
+    return False
+
+
+def test_ctrl_c_while_the_helpers_start_is_one_line(tiny_model: Path, images: Path,
+                                                    tmp_path: Path) -> None:
+    """Ctrl-C on the terminal while the render processes are still importing (and the model
+    process is loading torch): the whole group gets it, and the run ends in one line, exit
+    130, with no traceback from any process, nothing in save_dir and no process left. (They
+    start with the stop signals blocked, then ignore them; the model process stops them.)"""
+    save_dir = tmp_path / "out"
+    process = in_its_own_group(arguments(tiny_model, images, save_dir, "--workers", "1",
+                                          "--render_workers", "2"))
+    deadline = time.monotonic() + 60
+    while not [pid for pid in children(process.pid) if "spawn_main" in command_line(pid)
+               and importing_numpy(pid)]:  # half-way through its imports
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    assert err.splitlines() == ["main.py: interrupted (SIGINT)"], err[-3000:]
+    deadline = time.monotonic() + 10
+    while group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not group_alive(process.pid), "helper processes left behind"
+    assert not save_dir.exists() or not list(save_dir.rglob("*"))
+
+
+def test_a_render_pool_close_cut_short_is_finished_by_the_next() -> None:
+    """A stop signal inside RenderPool.close (while it waits for the processes): the next
+    close, the abort every stop makes, still ends them all; a third does nothing."""
+    import render_pool
+    pool = render_pool.RenderPool(2)
+    first = pool._processes[0]
+    first.join = lambda timeout=None: (_ for _ in ()).throw(KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        pool.close()
+    del first.join
+    pool.close(abort=True)
+    assert all(process.exitcode is not None for process in pool._processes)
+    pool.close(abort=True)
+
+
+def test_stop_signals_put_back_what_the_command_line_set() -> None:
+    """main.py ignores the stop signals before main() and main() handles them while it runs;
+    when it returns, they are ignored again, so the interpreter's shutdown is never cut."""
+    import faults
+    previous = {s: signal.getsignal(s) for s in faults.STOP_SIGNALS}
+    try:
+        faults.ignore_stop_signals()
+        with faults.stop_signals():
+            assert all(signal.getsignal(s) is not signal.SIG_IGN for s in faults.STOP_SIGNALS)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in faults.STOP_SIGNALS)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 # ----------------------------------------------------------------------------- 3. a helper dies
 
 @pytest.mark.parametrize("victim", ["decode", "render"])
