@@ -128,27 +128,7 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
     is kept (files and rows), and ``result.stop`` says why."""
     renderer = renderer if renderer is not None else InlineRenderer(settings.show)
     result = RunResult()
-    mine = entries[dist.rank::dist.world]
-    if settings.skip_existing:
-        result.resumed = outputs.same_run(settings.save_dir, settings.signature)
-        if result.resumed:
-            done_rows = outputs.previous_rows(settings.save_dir)
-            todo = [e for e in mine if not _already_done(e, settings, done_rows)]
-            result.already_done = len(mine) - len(todo)
-            mine = todo
-        elif dist.leader and (settings.save_dir / outputs.SUMMARY).exists():
-            print(f"warning: --skip_existing: the outputs in {settings.save_dir} were made with "
-                  f"other options (model, layers, method, classes, ...); doing every image "
-                  f"again", file=sys.stderr)
-    if dist.leader and not result.resumed:
-        outputs.remove_logs(settings.save_dir)  # rows of an earlier run are not this run's
-    dist.barrier()  # every process has read the old signature and rows before they go
-    live_report = None
-    if dist.leader:
-        outputs.record_run(settings.save_dir, settings.signature)
-        outputs.reserve_space(settings.save_dir, len(entries),
-                              len(summary_header(options, settings)))
-        live_report = _run_report(entries, labels, options, settings)
+    mine = _still_to_do(entries, settings, dist, result)
 
     def rows_so_far() -> list[list[str]]:
         """Every process's rows logged so far (and a resumed run's earlier ones)."""
@@ -157,7 +137,6 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
         return list(_wanted_rows(entries, rows, width=width).values())
     _check_display(settings, renderer)
     renderer.hold_batches_of(settings.batch_size)
-    summary_log = outputs.SummaryLog(settings.save_dir, dist.rank)
     index = LabelIndex(labels)
 
     def class_of_folder(folder: str | None) -> int:
@@ -168,6 +147,8 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
                           class_of_folder, score_progress(settings.quiet or not dist.leader))
     progress = Progress(len(mine), settings.quiet or not dist.leader)
     pending: dict[int, _Pending] = {}  # image index -> its row, logged once its files exist
+    summary_log: Optional[outputs.SummaryLog] = None
+    live_report: Optional[report.RunReport] = None
 
     def log(finished: list[int]) -> None:
         for index_done in finished:
@@ -196,28 +177,68 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
             log(renderer.take_finished())
         _return_free_memory()
 
-    aborting = True
+    # From the first write in save_dir to the render processes' end, a stop (a fault, SIGTERM,
+    # Ctrl-C) is caught here, so it always ends with what is done written and the resume line.
     try:
+        live_report = _start_writing(entries, labels, options, settings, dist, result.resumed)
+        summary_log = outputs.SummaryLog(settings.save_dir, dist.rank)
         loader = make_loader(mine, preprocessing, settings.batch_size, settings.workers, device)
         with batches_from(loader) as batches:
             for batch in batches:
                 explain_batch(batch)
         renderer.flush()
         log(renderer.take_finished())
-        aborting = False
+        renderer.close()
     except BaseException as stop:  # noqa: B036 (Ctrl-C and SIGTERM stop cleanly too)
         result.stop = _as_stop(stop)
         if result.stop is None:
             raise
     finally:
-        renderer.close(abort=aborting)
-        if result.stop is not None:
+        renderer.close(abort=True)  # nothing left to do after a close that went through
+        if result.stop is not None and summary_log is not None:
             with contextlib.suppress(faults.RunFault):
                 log([i for i, job in list(pending.items()) if job.written()])
         progress.close()
-        summary_log.close()
-    result.rows = summary_log.rows
+        if summary_log is not None:
+            summary_log.close()
+    result.rows = summary_log.rows if summary_log is not None else []
     return result
+
+
+def _still_to_do(entries: list[ImageEntry], settings: RunSettings, dist: Distributed,
+                 result: RunResult) -> list[ImageEntry]:
+    """This process's share of ``entries`` less, with --skip_existing, the images an earlier
+    run of the same settings finished (``result`` notes the resume and how many were done).
+    It only reads save_dir: a stop here leaves the earlier run's files as they were."""
+    mine = entries[dist.rank::dist.world]
+    if not settings.skip_existing:
+        return mine
+    result.resumed = outputs.same_run(settings.save_dir, settings.signature)
+    if result.resumed:
+        done_rows = outputs.previous_rows(settings.save_dir)
+        todo = [e for e in mine if not _already_done(e, settings, done_rows)]
+        result.already_done = len(mine) - len(todo)
+        return todo
+    if dist.leader and (settings.save_dir / outputs.SUMMARY).exists():
+        print(f"warning: --skip_existing: the outputs in {settings.save_dir} were made with "
+              f"other options (model, layers, method, classes, ...); doing every image "
+              f"again", file=sys.stderr)
+    return mine
+
+
+def _start_writing(entries: list[ImageEntry], labels: list[str], options: ExplainOptions,
+                   settings: RunSettings, dist: Distributed,
+                   resumed: bool) -> Optional[report.RunReport]:
+    """Make save_dir this run's: an earlier run's row logs go (unless resumed), its signature
+    is recorded and summary.csv's room held; returns the live report (first process only)."""
+    if dist.leader and not resumed:
+        outputs.remove_logs(settings.save_dir)  # rows of an earlier run are not this run's
+    dist.barrier()  # every process has read the old signature and rows before they go
+    if not dist.leader:
+        return None
+    outputs.record_run(settings.save_dir, settings.signature)
+    outputs.reserve_space(settings.save_dir, len(entries), len(summary_header(options, settings)))
+    return _run_report(entries, labels, options, settings)
 
 
 def _return_free_memory() -> None:
@@ -328,6 +349,7 @@ def finish(entries: list[ImageEntry], labels: list[str], options: ExplainOptions
             result.stop = stop
     if result.stop is not None:
         return _finish_stopped(entries, labels, options, settings, result, dist)
+    faults.run_complete()  # every image is done: a stop signal from here on is dropped
     total = RunResult(processed=sum(r.processed for r in gathered),
                       unreadable=sum(r.unreadable for r in gathered),
                       already_done=sum(r.already_done for r in gathered),
@@ -338,7 +360,15 @@ def finish(entries: list[ImageEntry], labels: list[str], options: ExplainOptions
     rows = _wanted_rows(entries, carried)
     for process in gathered:
         rows.update({int(row[0]): row for row in process.rows})
-    merged = total.rows = list(rows.values())
+    total.rows = list(rows.values())
+    return _write_summary_and_report(entries, labels, options, settings, total, dist)
+
+
+def _write_summary_and_report(entries: list[ImageEntry], labels: list[str],
+                              options: ExplainOptions, settings: RunSettings, total: RunResult,
+                              dist: Distributed) -> RunResult:
+    """The first process's summary.csv, report and closing lines for a run that is done."""
+    merged = total.rows
     plan = ClassPlan(options)
     header = summary_header(options, settings)
     try:

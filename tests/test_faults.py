@@ -388,6 +388,65 @@ def test_ctrl_c_while_the_helpers_start_is_one_line(tiny_model: Path, images: Pa
     assert not save_dir.exists() or not list(save_dir.rglob("*"))
 
 
+def signal_me_at(monkeypatch, module, name: str, signum: int, when=lambda *a, **k: True):
+    """Patch ``module.name`` so that its first call for which ``when`` holds sends this
+    process ``signum`` (which Python handles in the main thread as the call goes on)."""
+    original, sent = getattr(module, name), []
+
+    def signal_then_call(*args, **kwargs):
+        if not sent and when(*args, **kwargs):
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, signal_then_call)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_save_dir_is_prepared_is_a_clean_stop(
+        signum: int, tiny_model: Path, images: Path, reference: Path, tmp_path: Path,
+        monkeypatch) -> None:
+    """A stop signal between the run's first write in save_dir and its first image: the
+    resume line, 0 images done, and the room held for summary.csv given back."""
+    signal_me_at(monkeypatch, outputs, "reserve_space", signum)
+    code, _, err = call(arguments(tiny_model, images, tmp_path, "--render_workers", "1"))
+    assert code == (130 if signum == signal.SIGINT else 143), err[-3000:]
+    assert f"0 of {N_IMAGES} images done" in fault_line(err)
+    assert not (tmp_path / outputs.RESERVE).exists()
+    assert_clean_stop(tmp_path, reference)
+    monkeypatch.undo()
+    resume_and_compare(fault_line(err), tmp_path, reference)
+
+
+def test_a_stop_while_the_render_processes_end_is_a_clean_stop(
+        tiny_model: Path, images: Path, reference: Path, tmp_path: Path, monkeypatch) -> None:
+    """Ctrl-C once every figure is written, as the render processes are told to end: the
+    resume line with every image done (not a bare 'interrupted'), summary.csv whole, no
+    render process left."""
+    import render_pool
+    signal_me_at(monkeypatch, render_pool.RenderPool, "close", signal.SIGINT,
+                 when=lambda pool, abort=False: not abort)
+    code, _, err = call(arguments(tiny_model, images, tmp_path, "--render_workers", "2"))
+    assert code == 130, err[-3000:]
+    assert f"{N_IMAGES} of {N_IMAGES} images done" in fault_line(err)
+    assert_clean_stop(tmp_path, reference)
+    assert len(rows_of(tmp_path)) == N_IMAGES + 1
+    assert not [pid for pid in children(os.getpid()) if "spawn_main" in command_line(pid)
+                and alive(pid)]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_after_every_image_is_done_is_dropped(signum: int, tiny_model: Path,
+                                                     images: Path, reference: Path,
+                                                     tmp_path: Path, monkeypatch) -> None:
+    """A stop signal while summary.csv is written: the run ends whole, exit 0, as if none
+    had come (stopping then would save nothing and report a finished run as stopped)."""
+    signal_me_at(monkeypatch, outputs, "write_summary", signum)
+    code, out, err = call(arguments(tiny_model, images, tmp_path, "--render_workers", "1"))
+    assert code == 0, err[-3000:]
+    assert "resume with" not in err and f"processed {N_IMAGES} image(s)" in out
+    assert_equal_runs(tmp_path, reference)
+
+
 def test_a_render_pool_close_cut_short_is_finished_by_the_next() -> None:
     """A stop signal inside RenderPool.close (while it waits for the processes): the next
     close, the abort every stop makes, still ends them all; a third does nothing."""
