@@ -121,10 +121,24 @@ def shared_memory_free() -> int | None:
 
 def _decode_worker_init(worker_id: int) -> None:
     """A decode process ignores the terminal's Ctrl-C and a SIGTERM sent to the whole group
-    (the model process stops it), and dies with the model process, so none is left behind."""
+    (the model process stops it), dies with the model process, so none is left behind, and
+    prints no traceback for a hand-over the model process cut short."""
     faults.die_with_parent()
     for signum in faults.STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    threading.excepthook = _quiet_about_cut_hand_overs
+
+
+def _quiet_about_cut_hand_overs(args: threading.ExceptHookArgs) -> None:
+    """A decode process's thread error hook. A batch's shared memory crosses to the model
+    process as a file descriptor, sent by a thread of multiprocessing's (the resource
+    sharer) when the model process asks for it; if a stop signal ends the model process's
+    side half-way, the send finds the pipe closed (BrokenPipeError). The model process
+    reports the stop in its one line; the thread's traceback would only add noise to it.
+    Every other error prints as usual."""
+    if issubclass(args.exc_type, (BrokenPipeError, ConnectionResetError)):
+        return
+    threading.__excepthook__(args)
 
 
 PIN_MEMORY_THREAD_EXITED = "Pin memory thread exited unexpectedly"  # the DataLoader's words

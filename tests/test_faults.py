@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -665,6 +666,31 @@ def test_a_bug_inside_a_decode_process_keeps_its_traceback() -> None:
     from batch_run import _as_stop
     assert _as_stop(_raised_in_a_decode_process(ValueError, "too many values")) is None
     assert _as_stop(_raised_in_a_decode_process(RuntimeError, "shape mismatch")) is None
+
+
+def test_a_decode_process_prints_no_traceback_for_a_cut_hand_over() -> None:
+    """A stop signal in the model process half-way through receiving a batch's shared memory
+    closes the pipe the decode process's resource-sharer thread sends it on: that thread's
+    BrokenPipeError prints nothing (the model process says why it stopped); a thread's other
+    errors still print their traceback."""
+    script = textwrap.dedent("""
+        import threading
+        import image_loader
+        image_loader._decode_worker_init(0)
+
+        def fail(error):
+            raise error
+        for error in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset"),
+                      ValueError("a real bug")):
+            thread = threading.Thread(target=fail, args=(error,))
+            thread.start()
+            thread.join()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ValueError: a real bug" in done.stderr
+    assert "BrokenPipeError" not in done.stderr and "ConnectionResetError" not in done.stderr
 
 
 def test_decode_processes_fit_the_free_shared_memory(monkeypatch, capsys) -> None:
