@@ -126,19 +126,19 @@ def _decode_worker_init(worker_id: int) -> None:
     faults.die_with_parent()
     for signum in faults.STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-    threading.excepthook = _quiet_about_cut_hand_overs
+    sys.excepthook = _quiet_about_cut_hand_overs
 
 
-def _quiet_about_cut_hand_overs(args: threading.ExceptHookArgs) -> None:
-    """A decode process's thread error hook. A batch's shared memory crosses to the model
-    process as a file descriptor, sent by a thread of multiprocessing's (the resource
-    sharer) when the model process asks for it; if a stop signal ends the model process's
-    side half-way, the send finds the pipe closed (BrokenPipeError). The model process
-    reports the stop in its one line; the thread's traceback would only add noise to it.
-    Every other error prints as usual."""
-    if issubclass(args.exc_type, (BrokenPipeError, ConnectionResetError)):
+def _quiet_about_cut_hand_overs(kind: type, error: BaseException, trace) -> None:
+    """A decode process's error hook. A batch's shared memory crosses to the model process as
+    a file descriptor, sent by multiprocessing's resource-sharer thread when the model
+    process connects for it; if a stop signal ends the model process's side half-way, that
+    thread finds the connection reset or the pipe closed, and hands the error to
+    ``sys.excepthook``. The model process reports the stop in its one line; the traceback
+    would only add noise to it. Every other error prints as usual."""
+    if issubclass(kind, (BrokenPipeError, ConnectionResetError)):
         return
-    threading.__excepthook__(args)
+    sys.__excepthook__(kind, error, trace)
 
 
 PIN_MEMORY_THREAD_EXITED = "Pin memory thread exited unexpectedly"  # the DataLoader's words
