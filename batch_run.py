@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -194,13 +193,17 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
         if result.stop is None:
             raise
     finally:
-        renderer.close(abort=True)  # nothing left to do after a close that went through
-        if result.stop is not None and summary_log is not None:
-            with contextlib.suppress(faults.RunFault):
-                log([i for i, job in list(pending.items()) if job.written()])
-        progress.close()
-        if summary_log is not None:
-            summary_log.close()
+        try:
+            with faults.deferred():  # a stop signal now waits until everything is closed
+                renderer.close(abort=True)  # nothing left to do after a close that went through
+                if result.stop is not None and summary_log is not None:
+                    with contextlib.suppress(faults.RunFault):
+                        log([i for i, job in list(pending.items()) if job.written()])
+                progress.close()
+                if summary_log is not None:
+                    summary_log.close()
+        except (KeyboardInterrupt, faults.Terminated) as late:  # it came as the run ended
+            result.stop = result.stop or late
     result.rows = summary_log.rows if summary_log is not None else []
     return result
 
@@ -294,7 +297,7 @@ def _as_stop(stop: BaseException) -> Optional[BaseException]:
     if faults.is_helper_death(stop):
         received = faults.signal_received()
         if received is not None:  # the group got the signal, and so did we
-            return KeyboardInterrupt() if received == signal.SIGINT else faults.Terminated()
+            return faults.stop_for(received)
         return faults.RunFault(f"a decode process died: {str(stop).splitlines()[0]}")
     if isinstance(stop, OSError):
         return faults.RunFault(f"cannot write in {getattr(stop, 'filename', None) or 'save_dir'}"

@@ -11,7 +11,6 @@ stop would save nothing.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shlex
 import signal
@@ -86,7 +85,8 @@ class _State:
     complete = False
 
 
-def _stop_for(signum: int) -> BaseException:
+def stop_for(signum: int) -> BaseException:
+    """The exception a stop signal becomes: KeyboardInterrupt for SIGINT, else Terminated."""
     return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 
@@ -97,9 +97,16 @@ def _handler(signum: int, frame) -> None:
     if _State.deferred:
         _State.pending = signum
         return
-    # Further signals wait while the stop is cleaned up (it takes a few seconds at most).
-    signal.signal(signum, _late_handler)
-    raise _stop_for(signum)
+    _hold_further_signals()
+    raise stop_for(signum)
+
+
+def _hold_further_signals() -> None:
+    """Once a stop is raised, every stop signal (not just the one that came) is only noted
+    while the stop is cleaned up (a few seconds at most), so that a SIGTERM after a Ctrl-C,
+    say, cannot cut the writing of what is done short."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _late_handler)
 
 
 def _late_handler(signum: int, frame) -> None:
@@ -116,8 +123,8 @@ def deferred() -> Iterator[None]:
         _State.deferred -= 1
         if not _State.deferred and _State.pending is not None:
             signum, _State.pending = _State.pending, None
-            signal.signal(signum, _late_handler)
-            raise _stop_for(signum)
+            _hold_further_signals()
+            raise stop_for(signum)
 
 
 def run_complete() -> None:
@@ -136,19 +143,14 @@ def signal_received() -> Optional[int]:
 
 @contextlib.contextmanager
 def helpers_start_deaf() -> Iterator[None]:
-    """Processes started inside begin with SIGINT and SIGTERM blocked (a child inherits the
+    """Processes started inside begin with the stop signals blocked (a child inherits the
     mask, through exec too), so the terminal's Ctrl-C, which goes to the whole process group,
     cannot cut their start-up short with a traceback; each then ignores both for good, and
-    the model process stops them. A signal that arrives meanwhile reaches this process when
-    the block ends."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
+    the model process stops them. A stop signal for this process itself waits until the
+    block ends only if no other thread takes it (another thread may, and Python then raises
+    it in the main thread at once), so a caller ends what it started if the block raises."""
+    with _held():
         yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def ignore_stop_signals() -> None:
@@ -164,7 +166,7 @@ def ignore_stop_signals() -> None:
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[None]:
-    """SIGTERM and SIGINT become exceptions in the main thread while the block runs (deferred
+    """The stop signals become exceptions in the main thread while the block runs (deferred
     inside ``deferred()``, dropped after ``run_complete()``)."""
     _State.deferred, _State.pending, _State.received, _State.complete = 0, None, None, False
     import threading
@@ -177,9 +179,23 @@ def stop_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        with _held():  # a signal between two of these would meet this module's handler
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         _State.complete = False
+
+
+@contextlib.contextmanager
+def _held() -> Iterator[None]:
+    """The stop signals are blocked inside; one that came meanwhile is delivered as it ends."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def exit_code_for(stop: BaseException) -> int:
@@ -213,6 +229,7 @@ def die_with_parent() -> None:
     """Linux: this process gets SIGKILL when its parent dies, so none is ever left behind."""
     if not sys.platform.startswith("linux"):
         return
+    import ctypes  # not at the top: main.py imports this module before it can ignore Ctrl-C
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1

@@ -150,9 +150,14 @@ class RenderPool:
                                            args=(self._jobs, self._done, self._stop,
                                                  os.getpid()))
                            for i in range(workers)]
-        with faults.helpers_start_deaf():
-            for process in self._processes:
-                process.start()
+        try:
+            with faults.helpers_start_deaf():
+                for process in self._processes:
+                    process.start()
+        except BaseException:  # a stop signal, or no room in /dev/shm: the caller never gets
+            self._processes = [p for p in self._processes if p.pid is not None]  # the pool
+            self.close(abort=True)  # to close, and each process left would hang the exit
+            raise
 
     def hold_batches_of(self, batch_size: int) -> None:
         """Let a whole batch be in flight, so the model goes on to the next batch while this

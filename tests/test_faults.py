@@ -19,8 +19,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -373,42 +375,55 @@ def test_ctrl_c_while_the_helpers_start_is_one_line(tiny_model: Path, images: Pa
     save_dir = tmp_path / "out"
     process = in_its_own_group(arguments(tiny_model, images, save_dir, "--workers", "1",
                                           "--render_workers", "2"))
-    deadline = time.monotonic() + 60
-    while not [pid for pid in children(process.pid) if "spawn_main" in command_line(pid)
-               and importing_numpy(pid)]:  # half-way through its imports
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.002)
-    os.killpg(process.pid, signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err[-3000:]
-    assert err.splitlines() == ["main.py: interrupted (SIGINT)"], err[-3000:]
-    deadline = time.monotonic() + 10
-    while group_alive(process.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not group_alive(process.pid), "helper processes left behind"
-    assert not save_dir.exists() or not list(save_dir.rglob("*"))
+    try:
+        deadline = time.monotonic() + 60
+        while not [pid for pid in children(process.pid) if "spawn_main" in command_line(pid)
+                   and importing_numpy(pid)]:  # half-way through its imports
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.002)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 130, err[-3000:]
+        assert err.splitlines() == ["main.py: interrupted (SIGINT)"], err[-3000:]
+        deadline = time.monotonic() + 10
+        while group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not group_alive(process.pid), "helper processes left behind"
+        assert not save_dir.exists() or not list(save_dir.rglob("*"))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
-def signal_me_at(monkeypatch, module, name: str, signum: int, when=lambda *a, **k: True):
-    """Patch ``module.name`` so that its first call for which ``when`` holds sends this
-    process ``signum`` (which Python handles in the main thread as the call goes on)."""
-    original, sent = getattr(module, name), []
+def signal_me_at(monkeypatch, owner: object, name: str, signum: int, after: bool = False,
+                 when: Callable[..., bool] = lambda *args, **kwargs: True) -> None:
+    """Patch ``owner.name`` so that its first call for which ``when`` holds sends this
+    process ``signum``, before the original runs or (``after``) once it has returned. The
+    handler runs as ``os.kill`` returns, so "before" means the original is never reached
+    unless the signal is deferred there."""
+    original, sent = getattr(owner, name), []
 
-    def signal_then_call(*args, **kwargs):
-        if not sent and when(*args, **kwargs):
+    def signal_around_call(*args, **kwargs):
+        armed = not sent and when(*args, **kwargs)
+        if armed:
             sent.append(signum)
+        if armed and not after:
             os.kill(os.getpid(), signum)
-        return original(*args, **kwargs)
-    monkeypatch.setattr(module, name, signal_then_call)
+        value = original(*args, **kwargs)
+        if armed and after:
+            os.kill(os.getpid(), signum)
+        return value
+    monkeypatch.setattr(owner, name, signal_around_call)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum, after", [(signal.SIGINT, False), (signal.SIGTERM, True)])
 def test_a_stop_while_save_dir_is_prepared_is_a_clean_stop(
-        signum: int, tiny_model: Path, images: Path, reference: Path, tmp_path: Path,
-        monkeypatch) -> None:
-    """A stop signal between the run's first write in save_dir and its first image: the
-    resume line, 0 images done, and the room held for summary.csv given back."""
-    signal_me_at(monkeypatch, outputs, "reserve_space", signum)
+        signum: int, after: bool, tiny_model: Path, images: Path, reference: Path,
+        tmp_path: Path, monkeypatch) -> None:
+    """A stop signal between the run's first write in save_dir and its first image (as the
+    room for summary.csv is taken, or just after): the resume line, 0 images done, and the
+    room given back."""
+    signal_me_at(monkeypatch, outputs, "reserve_space", signum, after=after)
     code, _, err = call(arguments(tiny_model, images, tmp_path, "--render_workers", "1"))
     assert code == (130 if signum == signal.SIGINT else 143), err[-3000:]
     assert f"0 of {N_IMAGES} images done" in fault_line(err)
@@ -418,19 +433,26 @@ def test_a_stop_while_save_dir_is_prepared_is_a_clean_stop(
     resume_and_compare(fault_line(err), tmp_path, reference)
 
 
-def test_a_stop_while_the_render_processes_end_is_a_clean_stop(
-        tiny_model: Path, images: Path, reference: Path, tmp_path: Path, monkeypatch) -> None:
-    """Ctrl-C once every figure is written, as the render processes are told to end: the
-    resume line with every image done (not a bare 'interrupted'), summary.csv whole, no
-    render process left."""
+@pytest.mark.parametrize("where", ["render processes told to end", "row log closed"])
+def test_a_stop_as_the_images_are_finished_is_a_clean_stop(
+        where: str, tiny_model: Path, images: Path, reference: Path, tmp_path: Path,
+        monkeypatch) -> None:
+    """Ctrl-C once every figure is written, as the render processes are told to end or as
+    the row log is closed (a stop then waits until everything is closed): the resume line
+    with every image done (not a bare 'interrupted'), summary.csv whole, no render process
+    left."""
     import render_pool
-    signal_me_at(monkeypatch, render_pool.RenderPool, "close", signal.SIGINT,
-                 when=lambda pool, abort=False: not abort)
+    if where == "row log closed":
+        signal_me_at(monkeypatch, outputs.SummaryLog, "close", signal.SIGINT)
+    else:
+        signal_me_at(monkeypatch, render_pool.RenderPool, "close", signal.SIGINT,
+                     when=lambda pool, abort=False: not abort)
     code, _, err = call(arguments(tiny_model, images, tmp_path, "--render_workers", "2"))
     assert code == 130, err[-3000:]
     assert f"{N_IMAGES} of {N_IMAGES} images done" in fault_line(err)
     assert_clean_stop(tmp_path, reference)
     assert len(rows_of(tmp_path)) == N_IMAGES + 1
+    assert not (tmp_path / outputs.RESERVE).exists()
     assert not [pid for pid in children(os.getpid()) if "spawn_main" in command_line(pid)
                 and alive(pid)]
 
@@ -453,14 +475,46 @@ def test_a_render_pool_close_cut_short_is_finished_by_the_next() -> None:
     close, the abort every stop makes, still ends them all; a third does nothing."""
     import render_pool
     pool = render_pool.RenderPool(2)
-    first = pool._processes[0]
-    first.join = lambda timeout=None: (_ for _ in ()).throw(KeyboardInterrupt())
-    with pytest.raises(KeyboardInterrupt):
-        pool.close()
-    del first.join
-    pool.close(abort=True)
-    assert all(process.exitcode is not None for process in pool._processes)
-    pool.close(abort=True)
+    try:
+        first = pool._processes[0]
+        first.join = lambda timeout=None: (_ for _ in ()).throw(KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            pool.close()
+        del first.join
+        pool.close(abort=True)
+        assert all(process.exitcode is not None for process in pool._processes)
+        pool.close(abort=True)
+    finally:
+        for process in pool._processes:
+            if process.is_alive():
+                process.kill()
+
+
+def test_a_stop_as_the_render_processes_start_ends_those_started(monkeypatch) -> None:
+    """A stop signal held back while the render processes start is raised as they are all
+    started, inside RenderPool(): the caller never gets the pool, so the pool ends them
+    itself (else each would hang the interpreter's exit, which waits for it)."""
+    import render_pool
+    started: list = []
+    original = render_pool.multiprocessing.context.SpawnProcess.start
+
+    def start_then_signal(process) -> None:
+        original(process)
+        started.append(process)
+        if len(started) == 2:  # to the main thread, which blocks it until the starts end
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    monkeypatch.setattr(render_pool.multiprocessing.context.SpawnProcess, "start",
+                        start_then_signal)
+    import faults
+    try:
+        with faults.stop_signals(), pytest.raises(KeyboardInterrupt):
+            render_pool.RenderPool(3)
+        assert len(started) == 3
+        assert all(process.exitcode is not None for process in started)
+    finally:
+        for process in started:
+            if process.is_alive():
+                process.kill()
 
 
 def test_stop_signals_put_back_what_the_command_line_set() -> None:
