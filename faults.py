@@ -1,8 +1,8 @@
 """Faults during a run: the stop signals, the fault that ends a run, and how to resume it.
 
-A run that stops part-way (a write fails, a helper process dies, SIGTERM or Ctrl-C) ends with
-one line that says why, how many images are done and the exact command that resumes it. The
-signal handlers raise in the main thread, except inside ``deferred()`` sections (a queue
+A run that stops part-way (a write fails, a helper process dies, SIGTERM, SIGHUP or Ctrl-C)
+ends with one line that says why, how many images are done and the exact command that resumes
+it. The signal handlers raise in the main thread, except inside ``deferred()`` sections (a queue
 read, a summary row being appended), which finish first, so a stop never leaves a half-read
 message or a half-written row behind, and once every image is done (``run_complete``), when a
 stop would save nothing.
@@ -14,6 +14,7 @@ import contextlib
 import os
 import shlex
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import Iterator, Optional
@@ -21,6 +22,7 @@ from typing import Iterator, Optional
 EXIT_FAULT = 3       # stopped by a fault; --skip_existing resumes
 EXIT_SIGINT = 130    # Ctrl-C (SIGINT)
 EXIT_SIGTERM = 143   # SIGTERM (a scheduler, timeout, torchrun stopping its other processes)
+EXIT_SIGHUP = 129    # SIGHUP (the terminal closed, the ssh connection dropped)
 
 
 class RunFault(Exception):
@@ -72,10 +74,16 @@ def is_shared_memory_full(error: BaseException) -> bool:
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived: stop cleanly, like Ctrl-C (a BaseException, so nothing swallows it)."""
+    """SIGTERM or SIGHUP arrived: stop cleanly, like Ctrl-C (a BaseException, so nothing
+    swallows it)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_HANGUP: Optional[int] = getattr(signal, "SIGHUP", None)  # none on Windows
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((_HANGUP,) if _HANGUP is not None else ())
 
 
 class _State:
@@ -87,11 +95,13 @@ class _State:
 
 def stop_for(signum: int) -> BaseException:
     """The exception a stop signal becomes: KeyboardInterrupt for SIGINT, else Terminated."""
-    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 def _handler(signum: int, frame) -> None:
     _State.received = signum
+    if signum == _HANGUP:
+        leave_a_hung_up_terminal()
     if _State.complete:  # every image is done: the run ends whole either way
         return
     if _State.deferred:
@@ -202,7 +212,7 @@ def exit_code_for(stop: BaseException) -> int:
     if isinstance(stop, KeyboardInterrupt):
         return EXIT_SIGINT
     if isinstance(stop, Terminated):
-        return EXIT_SIGTERM
+        return EXIT_SIGHUP if stop.signum == _HANGUP else EXIT_SIGTERM
     return EXIT_FAULT
 
 
@@ -211,8 +221,29 @@ def describe_stop(stop: BaseException) -> str:
     if isinstance(stop, KeyboardInterrupt):
         return "interrupted (SIGINT)"
     if isinstance(stop, Terminated):
-        return "stopped by SIGTERM"
+        return f"stopped by {signal.Signals(stop.signum).name}"
     return f"stopped: {stop}"
+
+
+def leave_a_hung_up_terminal() -> None:
+    """After SIGHUP, standard output and error that are a terminal (a character device other
+    than /dev/null) have most likely gone with it, and every write to them would fail with
+    EIO, the stop's own included: they go to /dev/null instead, so the stop still writes
+    summary.csv and report.html, which say what was done and why the run stopped. A file or
+    pipe (a batch job's log, a plain ``kill -HUP``) keeps them."""
+    try:
+        null = os.stat(os.devnull).st_rdev
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                status = os.fstat(fd)
+                if stat.S_ISCHR(status.st_mode) and status.st_rdev != null:
+                    os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def describe_exit(exitcode: int) -> str:

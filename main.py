@@ -7,7 +7,7 @@ model's top-3 classes and its lowest-scoring class, saved in --save_dir.
     python main.py --conv2d_backcount 1 3 4 --images_path data --show
 
 Exit codes: 0 every image processed, 1 some images skipped, 2 usage error, 3 stopped by a
-fault (resume with --skip_existing), 130 Ctrl-C, 143 SIGTERM.
+fault (resume with --skip_existing), 129 SIGHUP, 130 Ctrl-C, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the exit code (0 all processed, 1 some skipped, 2 usage error,
-    3 stopped by a fault, 130 Ctrl-C, 143 SIGTERM)."""
+    3 stopped by a fault, 129 SIGHUP, 130 Ctrl-C, 143 SIGTERM)."""
     try:
         args = parse_args(argv)
     except UsageError as error:

@@ -13,6 +13,7 @@ import csv
 import errno
 import io
 import os
+import select
 import shlex
 import shutil
 import signal
@@ -324,19 +325,60 @@ def test_a_disk_already_full_is_one_line_and_exit_2(tiny_model: Path, images: Pa
 
 # ----------------------------------------------------------------------------- 2. signals
 
-def test_sigterm_stops_cleanly_and_resumes(tiny_model: Path, images: Path, reference: Path,
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_stops_cleanly_and_resumes(signum: int, code: int, tiny_model: Path,
+                                           images: Path, reference: Path,
                                            tmp_path: Path) -> None:
-    """SIGTERM mid-run: exit 143, one line, no decode or render process left behind."""
+    """SIGTERM (or SIGHUP) mid-run: exit 143 (129), one line, no decode or render process
+    left behind."""
     process = start(arguments(tiny_model, images, tmp_path, "--workers", "1",
                               "--render_workers", "1"))
     wait_for_figures(tmp_path, process)
     helpers = children(process.pid)
-    process.send_signal(signal.SIGTERM)
-    code, err = finish(process, helpers)
-    assert code == 143
-    assert "stopped by SIGTERM" in fault_line(err)
+    process.send_signal(signum)
+    exit_code, err = finish(process, helpers)
+    assert exit_code == code, err[-3000:]
+    assert f"stopped by {signal.Signals(signum).name}" in fault_line(err)
     assert_clean_stop(tmp_path, reference)
     resume_and_compare(fault_line(err), tmp_path, reference)
+
+
+def test_a_closed_terminal_stops_cleanly_and_resumes(tiny_model: Path, images: Path,
+                                                     reference: Path, tmp_path: Path) -> None:
+    """The terminal main.py runs in goes away (its window closed, an ssh connection lost):
+    the kernel sends SIGHUP to it and its helpers, and every later write to the terminal
+    fails. The run stops as for SIGTERM, exit 129: summary.csv and report.html say what is
+    done and why (the line has nowhere to go), nothing is partial, no process is left, and
+    the run's command with --skip_existing completes it."""
+    import pty
+    argv = arguments(tiny_model, images, tmp_path, "--workers", "1", "--render_workers", "1")
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: main.py, with the new terminal as its controlling one
+        try:
+            os.chdir(ROOT)
+            os.execve(sys.executable, [sys.executable, str(ROOT / "main.py"), *argv], ENV)
+        finally:
+            os._exit(127)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(tmp_path.glob("*.jpg"))) < 2:
+            assert time.monotonic() < deadline
+            with contextlib.suppress(OSError):  # keep the terminal's buffer from filling
+                if select.select([terminal], [], [], 0.02)[0]:
+                    os.read(terminal, 65536)
+        helpers = children(pid)
+    finally:
+        os.close(terminal)  # the terminal hangs up
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 129
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in helpers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in helpers if alive(p)], "helper processes left behind"
+    assert_clean_stop(tmp_path, reference)
+    assert "stopped by SIGHUP" in (tmp_path / "report.html").read_text(encoding="utf-8")
+    command = shlex.join(["python", "main.py", *argv, "--skip_existing"])
+    resume_and_compare(f"resume with: {command}", tmp_path, reference)
 
 
 def in_its_own_group(argv: list[str]) -> subprocess.Popen:
