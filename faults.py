@@ -11,10 +11,10 @@ stop would save nothing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shlex
 import signal
-import stat
 import sys
 from pathlib import Path
 from typing import Iterator, Optional
@@ -226,24 +226,26 @@ def describe_stop(stop: BaseException) -> str:
 
 
 def leave_a_hung_up_terminal() -> None:
-    """After SIGHUP, standard output and error that are a terminal (a character device other
-    than /dev/null) have most likely gone with it, and every write to them would fail with
-    EIO, the stop's own included: they go to /dev/null instead, so the stop still writes
-    summary.csv and report.html, which say what was done and why the run stopped. A file or
-    pipe (a batch job's log, a plain ``kill -HUP``) keeps them."""
-    try:
-        null = os.stat(os.devnull).st_rdev
+    """After SIGHUP: a standard output or error whose writes now fail with EIO, a terminal
+    that hung up (its window closed, the ssh connection dropped), goes to /dev/null, so the
+    stop is not cut short by its own messages and still writes summary.csv and report.html,
+    which say what was done and why. One that still works (a terminal sent a plain
+    ``kill -HUP``, a log file, a pipe) keeps the stop line."""
+    for fd in (1, 2):
+        try:
+            os.write(fd, b"")  # a hung-up terminal fails every write, even of nothing
+        except OSError as error:
+            if error.errno == errno.EIO:
+                _send_to_devnull(fd)
+
+
+def _send_to_devnull(fd: int) -> None:
+    with contextlib.suppress(OSError):
         devnull = os.open(os.devnull, os.O_WRONLY)
-    except OSError:
-        return
-    try:
-        for fd in (1, 2):
-            with contextlib.suppress(OSError):
-                status = os.fstat(fd)
-                if stat.S_ISCHR(status.st_mode) and status.st_rdev != null:
-                    os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
 
 
 def describe_exit(exitcode: int) -> str:

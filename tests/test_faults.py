@@ -381,6 +381,46 @@ def test_a_closed_terminal_stops_cleanly_and_resumes(tiny_model: Path, images: P
     resume_and_compare(f"resume with: {command}", tmp_path, reference)
 
 
+def test_only_a_hung_up_terminal_is_left(tmp_path: Path) -> None:
+    """On SIGHUP, standard output and error go to /dev/null only once their terminal has hung
+    up (writes fail with EIO); while it is there (a plain ``kill -HUP``) they stay, so the
+    stop line is shown."""
+    import pty
+    script = textwrap.dedent("""
+        import os, signal, time
+        import faults
+        hung_up = []
+        signal.signal(signal.SIGHUP, lambda signum, frame: hung_up.append(signum))
+        faults.leave_a_hung_up_terminal()
+        print("still shown", flush=True)
+        while not hung_up:
+            time.sleep(0.01)
+        faults.leave_a_hung_up_terminal()
+        print("written to /dev/null", flush=True)
+        null = os.stat(os.devnull)
+        os._exit(0 if all(os.path.samestat(os.fstat(fd), null) for fd in (1, 2)) else 5)
+    """)
+    pid, terminal = pty.fork()
+    if pid == 0:
+        try:
+            os.chdir(ROOT)
+            os.execve(sys.executable, [sys.executable, "-c", script], ENV)
+        finally:
+            os._exit(127)
+    shown = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"still shown" not in shown and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if select.select([terminal], [], [], 0.05)[0]:
+                    shown += os.read(terminal, 4096)
+    finally:
+        os.close(terminal)  # the terminal hangs up
+    _, status = os.waitpid(pid, 0)
+    assert b"still shown" in shown
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def in_its_own_group(argv: list[str]) -> subprocess.Popen:
     """main.py as a shell runs it: the leader of a process group, which a terminal's Ctrl-C
     reaches whole (every decode and render process with it)."""
