@@ -85,7 +85,7 @@ class Progress:
     def update(self, n: int) -> None:
         self.done += n
         if self.bar is not None:
-            self.bar.update(n)
+            self._on_the_bar(self.bar.update, n)
             return
         now = time.monotonic()
         if self.quiet or now - self.last < self.PLAIN_EVERY_S:
@@ -98,7 +98,17 @@ class Progress:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            self._on_the_bar(self.bar.close)
+
+    def _on_the_bar(self, action, *args) -> None:
+        """Draw; a terminal that has gone (its window closed: SIGHUP is on its way, and the
+        stop it makes says so) fails the write, and the run goes on without a bar rather
+        than stopping for a write that no one can see."""
+        try:
+            action(*args)
+        except OSError:
+            self.bar.disable = True  # tqdm draws nothing more, not even when collected
+            self.bar = None
 
 
 def score_progress(quiet: bool):

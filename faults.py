@@ -91,6 +91,7 @@ class _State:
     pending: Optional[int] = None
     received: Optional[int] = None
     complete = False
+    ignored_from_start: set[int] = set()  # see ignore_stop_signals
 
 
 def stop_for(signum: int) -> BaseException:
@@ -121,6 +122,8 @@ def _hold_further_signals() -> None:
 
 def _late_handler(signum: int, frame) -> None:
     _State.received = _State.received or signum
+    if signum == _HANGUP:  # the terminal closed while an earlier stop is cleaned up
+        leave_a_hung_up_terminal()
 
 
 @contextlib.contextmanager
@@ -155,7 +158,7 @@ def signal_received() -> Optional[int]:
 def helpers_start_deaf() -> Iterator[None]:
     """Processes started inside begin with the stop signals blocked (a child inherits the
     mask, through exec too), so the terminal's Ctrl-C, which goes to the whole process group,
-    cannot cut their start-up short with a traceback; each then ignores both for good, and
+    cannot cut their start-up short with a traceback; each then ignores them for good, and
     the model process stops them. A stop signal for this process itself waits until the
     block ends only if no other thread takes it (another thread may, and Python then raises
     it in the main thread at once), so a caller ends what it started if the block raises."""
@@ -169,7 +172,13 @@ def ignore_stop_signals() -> None:
     stopped, is never cut short (Ctrl-C there would print a traceback from an exit handler,
     and SIGTERM would turn a finished run's exit code into 143), with no moment between the
     run's end and the shutdown where a default handler is back. Python leaves SIG_IGN in
-    place while it shuts down, and a process started outside ``stop_signals`` inherits it."""
+    place while it shuts down, and a process started outside ``stop_signals`` inherits it.
+
+    A stop signal this process was started with ignored stays ignored throughout: that is
+    how ``nohup`` keeps a run going when the terminal closes (SIGHUP), and how a shell
+    starts a background job (``&``) that Ctrl-C must not reach."""
+    _State.ignored_from_start = {s for s in STOP_SIGNALS
+                                 if signal.getsignal(s) is signal.SIG_IGN}
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
@@ -183,7 +192,8 @@ def stop_signals() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS
+                if s not in _State.ignored_from_start}
     for s in previous:
         signal.signal(s, _handler)
     try:

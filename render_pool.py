@@ -137,6 +137,7 @@ class RenderPool:
     def __init__(self, workers: int) -> None:
         context = multiprocessing.get_context("spawn")
         self.workers = workers
+        _start_resource_tracker()
         self._jobs = context.Queue()  # bounded by submit(): at most ``limit`` images in flight
         self.limit = QUEUED_PER_PROCESS * workers
         self._done = context.Queue()
@@ -243,10 +244,10 @@ def _serve(jobs, done, stop, parent: int) -> None:
     faults.die_with_parent()
     if os.getppid() != parent:
         return
-    for signum in faults.STOP_SIGNALS:  # Ctrl-C, or SIGTERM sent to the whole group: the
-        signal.signal(signum, signal.SIG_IGN)  # model process stops us
+    for signum in faults.STOP_SIGNALS:  # Ctrl-C, or a SIGTERM or SIGHUP sent to the whole
+        signal.signal(signum, signal.SIG_IGN)  # group: the model process stops us
     writers: dict = {}
-    while not stop.is_set():
+    while not stop.is_set() and os.getppid() == parent:  # (no die_with_parent on macOS)
         try:
             job = jobs.get(timeout=POLL_S)
         except queue.Empty:
@@ -254,6 +255,16 @@ def _serve(jobs, done, stop, parent: int) -> None:
         if job is None:
             break
         done.put((job.index, rendering_problem(job, writers, f"render process {os.getpid()}")))
+
+
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (the process that removes the queues' named
+    semaphores if this one dies) with the stop signals blocked, before the queues would
+    start it: it ignores SIGINT and SIGTERM itself but not SIGHUP, which a closing terminal
+    sends the whole process group, and its death mid-run ends the run in tracebacks."""
+    from multiprocessing import resource_tracker
+    with faults.helpers_start_deaf():
+        resource_tracker.ensure_running()
 
 
 def start_renderer(workers: int, show: bool = False):

@@ -1,6 +1,7 @@
 """Shared test set-up: the repository root on sys.path, no windows, a fixed seed."""
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -9,6 +10,23 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _stop_signals_as_usual() -> None:
+    """The fault tests start main.py and signal it as a terminal or a scheduler would. main.py
+    keeps ignoring a stop signal it was started with ignored (as nohup and a shell's
+    background jobs ask), and a process passes SIG_IGN on to those it starts: so a test
+    session started that way (``pytest &`` in a script ignores SIGINT) gets the usual
+    dispositions back first."""
+    usual = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    if hasattr(signal, "SIGHUP"):
+        usual[signal.SIGHUP] = signal.SIG_DFL
+    for signum, handler in usual.items():
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            signal.signal(signum, handler)
+
+
+_stop_signals_as_usual()
 
 
 @pytest.fixture(autouse=True)

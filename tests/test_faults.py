@@ -325,33 +325,66 @@ def test_a_disk_already_full_is_one_line_and_exit_2(tiny_model: Path, images: Pa
 
 # ----------------------------------------------------------------------------- 2. signals
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
-def test_sigterm_stops_cleanly_and_resumes(signum: int, code: int, tiny_model: Path,
-                                           images: Path, reference: Path,
+@pytest.mark.parametrize("signum, code, to_the_group",
+                         [(signal.SIGTERM, 143, False), (signal.SIGHUP, 129, True)])
+def test_sigterm_stops_cleanly_and_resumes(signum: int, code: int, to_the_group: bool,
+                                           tiny_model: Path, images: Path, reference: Path,
                                            tmp_path: Path) -> None:
-    """SIGTERM (or SIGHUP) mid-run: exit 143 (129), one line, no decode or render process
-    left behind."""
-    process = start(arguments(tiny_model, images, tmp_path, "--workers", "1",
-                              "--render_workers", "1"))
-    wait_for_figures(tmp_path, process)
-    helpers = children(process.pid)
-    process.send_signal(signum)
-    exit_code, err = finish(process, helpers)
+    """SIGTERM mid-run (exit 143), or SIGHUP to the whole process group as a shell or tmux
+    sends it when its terminal closes (exit 129): one line, no traceback from any process
+    (the resource tracker included), no decode or render process left behind."""
+    argv = arguments(tiny_model, images, tmp_path, "--workers", "1", "--render_workers", "1")
+    process = in_its_own_group(argv) if to_the_group else start(argv)
+    try:
+        wait_for_figures(tmp_path, process)
+        helpers = children(process.pid)
+        if to_the_group:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
+        exit_code, err = finish(process, helpers)
+    finally:
+        if process.poll() is None:
+            process.kill()
     assert exit_code == code, err[-3000:]
     assert f"stopped by {signal.Signals(signum).name}" in fault_line(err)
     assert_clean_stop(tmp_path, reference)
     resume_and_compare(fault_line(err), tmp_path, reference)
 
 
+@pytest.mark.skipif(shutil.which("nohup") is None, reason="needs nohup")
+def test_a_run_under_nohup_goes_on_when_the_terminal_closes(tiny_model: Path, images: Path,
+                                                            reference: Path,
+                                                            tmp_path: Path) -> None:
+    """nohup starts main.py with SIGHUP ignored, so that it outlives its terminal: the
+    terminal's SIGHUP to the group mid-run changes nothing, and the run completes."""
+    argv = arguments(tiny_model, images, tmp_path, "--workers", "1", "--render_workers", "1")
+    process = subprocess.Popen([shutil.which("nohup"), sys.executable, str(ROOT / "main.py"),
+                                *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=ENV,
+                               start_new_session=True)
+    try:
+        wait_for_figures(tmp_path, process)
+        os.killpg(process.pid, signal.SIGHUP)
+        _, err = process.communicate(timeout=240)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, err[-3000:]
+    assert_equal_runs(tmp_path, reference)
+
+
 def test_a_closed_terminal_stops_cleanly_and_resumes(tiny_model: Path, images: Path,
                                                      reference: Path, tmp_path: Path) -> None:
-    """The terminal main.py runs in goes away (its window closed, an ssh connection lost):
-    the kernel sends SIGHUP to it and its helpers, and every later write to the terminal
-    fails. The run stops as for SIGTERM, exit 129: summary.csv and report.html say what is
-    done and why (the line has nowhere to go), nothing is partial, no process is left, and
-    the run's command with --skip_existing completes it."""
+    """The terminal main.py runs in goes away (its window closed, an ssh connection lost),
+    with the progress bar on it: the kernel sends SIGHUP to main.py (the session's leader),
+    and every later write to the terminal fails. The run stops as for SIGTERM, exit 129:
+    summary.csv and report.html say what is done and why (the line has nowhere to go),
+    nothing is partial, no process is left, and the run's command with --skip_existing
+    completes it."""
     import pty
-    argv = arguments(tiny_model, images, tmp_path, "--workers", "1", "--render_workers", "1")
+    argv = [word for word in arguments(tiny_model, images, tmp_path, "--workers", "1",
+                                       "--render_workers", "1") if word != "--quiet"]
     pid, terminal = pty.fork()
     if pid == 0:  # the child: main.py, with the new terminal as its controlling one
         try:
@@ -359,17 +392,31 @@ def test_a_closed_terminal_stops_cleanly_and_resumes(tiny_model: Path, images: P
             os.execve(sys.executable, [sys.executable, str(ROOT / "main.py"), *argv], ENV)
         finally:
             os._exit(127)
+    shown, status = b"", None
     try:
         deadline = time.monotonic() + 240
         while len(list(tmp_path.glob("*.jpg"))) < 2:
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, shown[-3000:]
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0), shown[-3000:]
             with contextlib.suppress(OSError):  # keep the terminal's buffer from filling
                 if select.select([terminal], [], [], 0.02)[0]:
-                    os.read(terminal, 65536)
+                    shown += os.read(terminal, 65536)
         helpers = children(pid)
-    finally:
         os.close(terminal)  # the terminal hangs up
-    _, status = os.waitpid(pid, 0)
+        terminal = None
+        deadline = time.monotonic() + 120
+        while status is None and time.monotonic() < deadline:
+            finished, code = os.waitpid(pid, os.WNOHANG)
+            status = code if finished else None
+            time.sleep(0.05)
+    finally:
+        if terminal is not None:
+            os.close(terminal)
+        if status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert status is not None, "main.py did not end after its terminal closed"
     assert os.waitstatus_to_exitcode(status) == 129
     deadline = time.monotonic() + 10
     while any(alive(p) for p in helpers) and time.monotonic() < deadline:
@@ -576,6 +623,8 @@ def test_a_stop_as_the_render_processes_start_ends_those_started(monkeypatch) ->
     """A stop signal held back while the render processes start is raised as they are all
     started, inside RenderPool(): the caller never gets the pool, so the pool ends them
     itself (else each would hang the interpreter's exit, which waits for it)."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are only installed from the main thread")
     import render_pool
     started: list = []
     original = render_pool.multiprocessing.context.SpawnProcess.start
