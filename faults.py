@@ -16,8 +16,9 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 EXIT_FAULT = 3       # stopped by a fault; --skip_existing resumes
 EXIT_SIGINT = 130    # Ctrl-C (SIGINT)
@@ -92,6 +93,7 @@ class _State:
     received: Optional[int] = None
     complete = False
     ignored_from_start: set[int] = set()  # see ignore_stop_signals
+    handled: tuple[int, ...] = ()  # the signals stop_signals handles
 
 
 def stop_for(signum: int) -> BaseException:
@@ -116,7 +118,7 @@ def _hold_further_signals() -> None:
     """Once a stop is raised, every stop signal (not just the one that came) is only noted
     while the stop is cleaned up (a few seconds at most), so that a SIGTERM after a Ctrl-C,
     say, cannot cut the writing of what is done short."""
-    for signum in STOP_SIGNALS:
+    for signum in _State.handled:
         signal.signal(signum, _late_handler)
 
 
@@ -188,12 +190,14 @@ def stop_signals() -> Iterator[None]:
     """The stop signals become exceptions in the main thread while the block runs (deferred
     inside ``deferred()``, dropped after ``run_complete()``)."""
     _State.deferred, _State.pending, _State.received, _State.complete = 0, None, None, False
-    import threading
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in STOP_SIGNALS
                 if s not in _State.ignored_from_start}
+    _State.handled = tuple(previous)
+    previous_unraisable = sys.unraisablehook
+    sys.unraisablehook = _swallowed_stops_raised_again(previous_unraisable)
     for s in previous:
         signal.signal(s, _handler)
     try:
@@ -202,7 +206,41 @@ def stop_signals() -> Iterator[None]:
         with _held():  # a signal between two of these would meet this module's handler
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        sys.unraisablehook = previous_unraisable
         _State.complete = False
+
+
+def _swallowed_stops_raised_again(previous: Callable) -> Callable:
+    """An unraisable-error hook. The handler may run while a finaliser or a weakref callback
+    is running (the garbage collector, an import's lock), where Python prints "Exception
+    ignored in ..." with a traceback and goes on, so the stop would be lost and the run
+    would carry on deaf to further signals. Such a stop is instead sent again, with the
+    handler back, a moment later from a thread (sent at once, it would be raised inside
+    this hook, and lost again), and so raised in the run's own code."""
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not isinstance(error, (KeyboardInterrupt, Terminated)) or _State.received is None:
+            previous(unraisable)
+            return
+        for signum in _State.handled:
+            signal.signal(signum, _handler)
+        signum = signal.SIGINT if isinstance(error, KeyboardInterrupt) else error.signum
+        again = threading.Timer(RAISE_AGAIN_S, _signal_the_main_thread, args=(signum,))
+        again.daemon = True
+        again.start()
+    return hook
+
+
+def _signal_the_main_thread(signum: int) -> None:
+    """Send ``signum`` to the main thread, so that a wait there (a sleep, a queue read) is
+    cut short as by a signal from outside."""
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(threading.main_thread().ident, signum)
+    else:  # Windows
+        signal.raise_signal(signum)
+
+
+RAISE_AGAIN_S = 0.05  # long after the unraisable-error hook has returned
 
 
 @contextlib.contextmanager
