@@ -479,6 +479,27 @@ def test_only_a_hung_up_terminal_is_left(tmp_path: Path) -> None:
         notes.read_text()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_swallowed_by_a_finaliser_is_raised_again(signum: int, capsys) -> None:
+    """A stop signal whose handler runs inside a finaliser (or a weakref callback: seen when
+    Ctrl-C came during an import) would be printed as "Exception ignored" and lost; it is
+    raised again in the ordinary code instead, with nothing printed."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are only installed from the main thread")
+    import faults
+
+    class SignalledWhileCollected:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signum)  # its handler runs here, inside the finaliser
+
+    expected = KeyboardInterrupt if signum == signal.SIGINT else faults.Terminated
+    with faults.stop_signals():
+        with pytest.raises(expected):
+            SignalledWhileCollected()  # collected at once
+            time.sleep(5)  # the stop comes back in here
+    assert "Exception ignored" not in capsys.readouterr().err
+
+
 def in_its_own_group(argv: list[str]) -> subprocess.Popen:
     """main.py as a shell runs it: the leader of a process group, which a terminal's Ctrl-C
     reaches whole (every decode and render process with it)."""
