@@ -466,7 +466,8 @@ def run(args: argparse.Namespace, resume_command: str = "") -> int:
 def explain_images(args: argparse.Namespace, entries: list, workers: int, renderer,
                    resume_command: str) -> int:
     """Load, discover layers, then explain ``entries``; returns the exit code."""
-    import torch
+    with faults.deferred():  # a stop raised inside torch's import can abort the interpreter
+        import torch  # (SIGABRT from C++, once in about 100 Ctrl-Cs there): it waits a second
 
     from batch_run import RunSettings, finish, run_batches
     from explainer import ExplainOptions
