@@ -164,8 +164,14 @@ def helpers_start_deaf() -> Iterator[None]:
     the model process stops them. A stop signal for this process itself waits until the
     block ends only if no other thread takes it (another thread may, and Python then raises
     it in the main thread at once), so a caller ends what it started if the block raises."""
-    with _held():
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
         yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def ignore_stop_signals() -> None:
@@ -203,11 +209,14 @@ def stop_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        with _held():  # a signal between two of these would meet this module's handler
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        _hold_further_signals()  # one that comes between two of these is only noted
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         sys.unraisablehook = previous_unraisable
         _State.complete = False
+
+
+RAISE_AGAIN_S = 0.05  # long after the unraisable-error hook has returned
 
 
 def _swallowed_stops_raised_again(previous: Callable) -> Callable:
@@ -238,22 +247,6 @@ def _signal_the_main_thread(signum: int) -> None:
         signal.pthread_kill(threading.main_thread().ident, signum)
     else:  # Windows
         signal.raise_signal(signum)
-
-
-RAISE_AGAIN_S = 0.05  # long after the unraisable-error hook has returned
-
-
-@contextlib.contextmanager
-def _held() -> Iterator[None]:
-    """The stop signals are blocked inside; one that came meanwhile is delivered as it ends."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def exit_code_for(stop: BaseException) -> int:
