@@ -9,7 +9,7 @@ pytorch-grad-cam leaves its hooks on the model it was given, and they would slow
 user of that model. Parts:
   a. 4 maps per image (top-3 + lowest) at the last conv layer vs a plain inference forward
   b. the same 4 maps vs pytorch-grad-cam (one GradCAM call per class) and vs Captum's
-     LayerGradCam (one call per class, upsampled and normalised as ours are)
+     LayerGradCam (one call per class, upsampled and normalized as ours are)
   c. 4 classes x 3 layers (backcounts 1, 3, 4) vs a plain inference forward
   d. end to end: main.py --n_images all with figures vs the usual way (pytorch-grad-cam once
      per class, a new matplotlib subplots figure per image)
@@ -49,10 +49,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-import main as cli  # noqa: E402
-from gradcam import conv_layers_in_run_order, grad_cam, top_and_lowest  # noqa: E402
-from models import BUILTIN_MODEL, load_model  # noqa: E402
-from utils import IMAGENET_PREPROCESSING, list_images, load_rgb, prepare_image  # noqa: E402
+from gradcam_cli import cli  # noqa: E402
+from gradcam_cli.gradcam import conv_layers_in_run_order, grad_cam, top_and_lowest  # noqa: E402
+from gradcam_cli.models import BUILTIN_MODEL, load_model  # noqa: E402
+from gradcam_cli.images import list_images, load_rgb  # noqa: E402
+from gradcam_cli.preprocessing import IMAGENET_PREPROCESSING, prepare_image  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -131,7 +132,7 @@ def pytorch_grad_cam_maps(cam, images: torch.Tensor, classes: torch.Tensor) -> n
 
 def captum_maps(cam, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """The same 4 maps with Captum's LayerGradCam: one call per class, then upsampled and
-    min-max normalised per map, as ours are."""
+    min-max normalized per map, as ours are."""
     from captum.attr import LayerAttribution
     maps = []
     for k in range(classes.shape[1]):
@@ -254,7 +255,7 @@ def end_to_end(name: str, args, device: torch.device, workdir: Path) -> list[str
         model_args = ["--model_path", str(model_file)]
     convs, scores = conv_layers_in_run_order(
         model, torch.zeros(1, 3, preprocessing.crop, preprocessing.crop, device=device))
-    from utils import default_labels
+    from gradcam_cli.labels import default_labels
     labels = default_labels(scores.shape[1])
     ours_args = model_args + ["--images_path", str(images_dir), "--n_images", "all",
                               "--save_dir", str(workdir / "ours"), "--quiet",

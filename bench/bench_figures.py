@@ -58,7 +58,7 @@ def workload(n: int, panel: int, uint8: bool, seed: int = 0) -> list[tuple]:
     """``n`` figures' inputs: an image, 4 maps, 4 titles and an image title each. The labels
     depend on the item's place only; probabilities and paths on ``seed`` too. Pixels cycle
     through 8 sets (their values do not change the cost), so long workloads fit in memory."""
-    from utils import default_labels
+    from gradcam_cli.labels import default_labels
     labels = [label.split(",")[0] for label in default_labels(1000)]
     rng = np.random.default_rng(seed)
     pixels = []

@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import outputs  # noqa: E402
-import report  # noqa: E402
-from utils import IMAGENET_LABELS_PATH, read_labels  # noqa: E402
+from gradcam_cli import outputs  # noqa: E402
+from gradcam_cli import report  # noqa: E402
+from gradcam_cli.labels import IMAGENET_LABELS_PATH, read_labels  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

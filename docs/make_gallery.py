@@ -21,8 +21,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import main as cli  # noqa: E402
-from cam_methods import METHODS  # noqa: E402
+from gradcam_cli import cli  # noqa: E402
+from gradcam_cli.cam_methods import METHODS  # noqa: E402
 
 PHOTO = ROOT / "data" / "tabby" / "chelsea.png"
 # The final activation (ReLU6 after the head conv and its BatchNorm): non-negative, as

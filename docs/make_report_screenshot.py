@@ -28,7 +28,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "report.png"))
     parser.add_argument("--hash", default="", help="a view to show, e.g. filter=wrong")
     args = parser.parse_args()
-    import main as tool
+    from gradcam_cli import cli as tool
     from playwright.sync_api import sync_playwright
 
     os.chdir(ROOT)  # so the page shows the images folder as "data"

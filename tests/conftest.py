@@ -40,7 +40,7 @@ def _seed():
 def interrupt_rendering(monkeypatch):
     """``interrupt_rendering(n)``: from then on, Ctrl-C (KeyboardInterrupt) is raised in the
     renderer once n images are written. Returns the original render function, to put back."""
-    import render_pool
+    from gradcam_cli import render_pool
     original = render_pool.render_image
 
     def arm(after: int):

@@ -7,7 +7,7 @@ from torch import nn
 
 
 class FailsOnWhite(nn.Module):
-    """A tiny CNN whose forward raises for a white image (ImageNet normalisation maps white
+    """A tiny CNN whose forward raises for a white image (ImageNet normalization maps white
     to more than 2 in every channel), as a custom model with a bug on some inputs would."""
 
     def __init__(self, n_classes: int = 5) -> None:

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-import batch_run
-import image_loader
-import main
-import render_pool
-from gradcam import conv_layers_in_run_order, grad_cam, top_and_lowest
-from models import load_model
-from utils import Preprocessing, list_images, load_rgb, normalise, prepare_image
+from gradcam_cli import batch_run
+from gradcam_cli import image_loader
+from gradcam_cli import cli
+from gradcam_cli import render_pool
+from gradcam_cli.gradcam import conv_layers_in_run_order, grad_cam, top_and_lowest
+from gradcam_cli.models import load_model
+from gradcam_cli.images import list_images, load_rgb
+from gradcam_cli.preprocessing import Preprocessing, normalize, prepare_image
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -32,7 +33,7 @@ def read_summary(save_dir: Path) -> list[dict[str, str]]:
 def run_cli(*args: str) -> int:
     """The CLI on the CPU, so its numbers compare with the CPU engine references below at
     1e-5 also on a GPU machine (CUDA's TF32 convolutions differ by about 1e-3)."""
-    return main.main(["--images_path", str(DATA), "--quiet", "--workers", "0",
+    return cli.main(["--images_path", str(DATA), "--quiet", "--workers", "0",
                       "--device", "cpu", *args])
 
 
@@ -112,7 +113,7 @@ def test_batch_size_and_workers_do_not_change_the_results(single_run: Path,
                                                           tmp_path: Path) -> None:
     """Batches of 2 decoded by 2 worker processes give what one batch in-process gave."""
     save_dir = tmp_path / "other"
-    assert main.main(["--images_path", str(DATA), "--quiet", "--n_images", "all",
+    assert cli.main(["--images_path", str(DATA), "--quiet", "--n_images", "all",
                       "--save_dir", str(save_dir), "--save_raw", "--conv2d_backcount", "1", "2",
                       "--batch_size", "2", "--workers", "2", "--device", "cpu"]) == 0
     assert_same_run(single_run, save_dir)
@@ -135,7 +136,7 @@ def test_no_accuracy_for_a_flat_folder(tmp_path: Path, capsys) -> None:
     flat = tmp_path / "flat"
     flat.mkdir()
     (flat / "cat.png").write_bytes((DATA / "tabby" / "chelsea.png").read_bytes())
-    assert main.main(["--images_path", str(flat), "--save_dir", str(tmp_path / "out"),
+    assert cli.main(["--images_path", str(flat), "--save_dir", str(tmp_path / "out"),
                       "--quiet", "--workers", "0"]) == 0
     assert "top-1" not in capsys.readouterr().out
 
@@ -178,7 +179,7 @@ def test_an_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path: Path, m
 def test_plain_progress_lines_without_a_terminal(tmp_path: Path, monkeypatch, capsys) -> None:
     """stderr is not a terminal under pytest: plain progress lines, none with --quiet."""
     monkeypatch.setattr(batch_run.Progress, "PLAIN_EVERY_S", 0.0)
-    assert main.main(["--images_path", str(DATA), "--n_images", "all", "--batch_size", "2",
+    assert cli.main(["--images_path", str(DATA), "--n_images", "all", "--batch_size", "2",
                       "--workers", "0", "--save_dir", str(tmp_path)]) == 0
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("progress:")]
     assert lines[-1].startswith("progress: 5/5 images") and "images/s" in lines[-1]
@@ -266,7 +267,7 @@ def test_skipped_files_are_named_in_the_run_result(tmp_path: Path, monkeypatch) 
         return totals[-1]
 
     monkeypatch.setattr(batch_run, "finish", keep_total)
-    assert main.main(["--images_path", str(folder), "--n_images", "all", "--quiet",
+    assert cli.main(["--images_path", str(folder), "--n_images", "all", "--quiet",
                       "--workers", "0", "--device", "cpu",
                       "--save_dir", str(tmp_path / "out")]) == 1
     (total,) = totals
@@ -279,7 +280,7 @@ def test_skipped_files_are_named_in_the_run_result(tmp_path: Path, monkeypatch) 
     Preprocessing(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     Preprocessing(248, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")])
 def test_the_loader_gives_prepare_image_inputs_to_the_bit(preprocessing) -> None:
-    """The decode processes hand over uint8 crops and the model process normalises them:
+    """The decode processes hand over uint8 crops and the model process normalizes them:
     the bits of (value / 255 - mean) / std in numpy float32 for every pixel value and channel,
     and for the real images of data/ through the DataLoader (two decode processes) the crops
     and inputs of utils.prepare_image, which decodes in the model process."""
@@ -288,7 +289,7 @@ def test_the_loader_gives_prepare_image_inputs_to_the_bit(preprocessing) -> None
     mean = np.asarray(preprocessing.mean, dtype=np.float32)
     std = np.asarray(preprocessing.std, dtype=np.float32)
     expected = ((every_value.astype(np.float32) / 255.0 - mean) / std).transpose(0, 3, 1, 2)
-    got = normalise(torch.from_numpy(every_value), preprocessing, torch.device("cpu"))
+    got = normalize(torch.from_numpy(every_value), preprocessing, torch.device("cpu"))
     assert got.is_contiguous()
     np.testing.assert_array_equal(got.numpy(), expected)
 
@@ -297,7 +298,7 @@ def test_the_loader_gives_prepare_image_inputs_to_the_bit(preprocessing) -> None
                                       device=torch.device("cpu"))
     seen = 0
     for batch in loader:
-        inputs = normalise(batch["shown"], preprocessing, torch.device("cpu"))
+        inputs = normalize(batch["shown"], preprocessing, torch.device("cpu"))
         for b, position in enumerate(batch["positions"]):
             shown, model_input = prepare_image(load_rgb(entries[position].path), preprocessing)
             np.testing.assert_array_equal(batch["shown"][b].numpy(), shown)

@@ -1,6 +1,6 @@
 """Command-line contract of main.py: figures, summary.csv, image handling, exit codes, errors.
 
-Most tests call ``main.main(argv)`` in-process with a tiny random model made of torch.nn
+Most tests call ``cli.main(argv)`` in-process with a tiny random model made of torch.nn
 modules only (it loads without --trust_model and has three Conv2d layers and five classes);
 a few end-to-end tests use the built-in EfficientNet-Lite0 on the sample photos in data/.
 """
@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import main
-import torchrun_group
+from gradcam_cli import cli, launch
+from gradcam_cli import torchrun_group
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -61,10 +61,10 @@ class Result:
 
 
 def call_main(argv: list[str]) -> Result:
-    """Run ``main.main(argv)`` in-process, capturing stdout and stderr."""
+    """Run ``cli.main(argv)`` in-process, capturing stdout and stderr."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main.main([str(arg) for arg in argv])
+        code = cli.main([str(arg) for arg in argv])
     return Result(code, out.getvalue(), err.getvalue())
 
 
@@ -393,7 +393,7 @@ def test_every_image_mode_is_processed(tiny_model: Path, tmp_path: Path) -> None
 
 def test_load_rgb_rescales_16_bit_from_the_full_range(tmp_path: Path) -> None:
     """A 0..65535 gradient becomes 0..255 gray (rescaled), not a band clipped at 255."""
-    from utils import load_rgb
+    from gradcam_cli.images import load_rgb
     gradient = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (8, 1))
     path = tmp_path / "deep.png"
     Image.fromarray(gradient).save(path)
@@ -413,7 +413,7 @@ def test_load_rgb_rescales_16_bit_from_the_full_range(tmp_path: Path) -> None:
 
 def test_load_rgb_composites_transparency_over_white(tmp_path: Path) -> None:
     """RGBA and palette transparency end up over white; opaque pixels keep their colour."""
-    from utils import load_rgb
+    from gradcam_cli.images import load_rgb
     rgba = np.zeros((8, 12, 4), dtype=np.uint8)
     rgba[..., 0] = 255                 # red everywhere ...
     rgba[:, :4, 3] = 0                 # ... fully transparent on the left,
@@ -439,7 +439,7 @@ def test_load_rgb_composites_transparency_over_white(tmp_path: Path) -> None:
 
 def test_load_rgb_expands_grayscale_and_palette(tmp_path: Path) -> None:
     """'L' and 'P' images come back as RGB with the same colours."""
-    from utils import load_rgb
+    from gradcam_cli.images import load_rgb
     gray = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4, "L")
     gray.save(tmp_path / "gray.png")
     values = np.asarray(load_rgb(tmp_path / "gray.png"))
@@ -686,9 +686,9 @@ def test_helper_process_defaults_share_the_cores_this_process_may_use(
     between torchrun's local processes: half decode (at most 8), the rest after the model
     renders (1 to 8), and neither a decode nor a render process for one image."""
     machine(cores, local_world=local_world)
-    assert main.default_workers(100) == decode
-    assert main.default_render_workers(100, decode) == render
-    assert main.default_workers(1) == main.default_render_workers(1, 0) == 0
+    assert launch.default_workers(100) == decode
+    assert launch.default_render_workers(100, decode) == render
+    assert launch.default_workers(1) == launch.default_render_workers(1, 0) == 0
 
 
 def test_cores_per_process_honours_quota_world_size_and_missing_affinity(machine,

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from gradcam import conv_layers_in_run_order, explain, top_and_lowest
-from models import load_model
-from utils import list_images, load_rgb, prepare_image
+from gradcam_cli.gradcam import conv_layers_in_run_order, explain, top_and_lowest
+from gradcam_cli.models import load_model
+from gradcam_cli.images import list_images, load_rgb
+from gradcam_cli.preprocessing import prepare_image
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -45,13 +46,13 @@ def test_cpu_and_cuda_agree_on_the_builtin_model(method: str) -> None:
     assert difference.mean() < 5e-3
 
 
-def test_inputs_normalised_on_cuda_equal_the_cpu_ones() -> None:
-    """The batch run normalises uint8 crops on the model's device: on CUDA the float32
+def test_inputs_normalized_on_cuda_equal_the_cpu_ones() -> None:
+    """The batch run normalizes uint8 crops on the model's device: on CUDA the float32
     division and subtraction are IEEE-rounded too, so every pixel value gives the CPU's bits."""
-    from utils import normalise
+    from gradcam_cli.preprocessing import normalize
     _, preprocessing = load_model(None)
     every_value = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None, None], 3, axis=3)
     shown = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(every_value, (2, 256, 4, 3))))
-    on_cpu = normalise(shown, preprocessing, torch.device("cpu"))
-    on_cuda = normalise(shown, preprocessing, torch.device("cuda")).cpu()
+    on_cpu = normalize(shown, preprocessing, torch.device("cpu"))
+    on_cuda = normalize(shown, preprocessing, torch.device("cuda")).cpu()
     assert torch.equal(on_cpu, on_cuda)

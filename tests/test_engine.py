@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18, vgg11
 
-from gradcam import (ConvLayer, conv_layers_in_run_order, eval_mode, grad_cam, normalize_maps,
+from gradcam_cli.gradcam import (ConvLayer, conv_layers_in_run_order, eval_mode, grad_cam, normalize_maps,
                      top_and_lowest)
 
 # --------------------------------------------------------------------------------------------
@@ -90,8 +90,8 @@ def naive_grad_cam(model: nn.Module, images: torch.Tensor, layer_names: Sequence
     return scores.detach(), raw
 
 
-def naive_normalised(raw: list[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
-    """Upsample (bilinear, align_corners=False) and min-max normalise: (L, B, K, H, W)."""
+def naive_normalized(raw: list[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+    """Upsample (bilinear, align_corners=False) and min-max normalize: (L, B, K, H, W)."""
     return torch.stack([_minmax(F.interpolate(m, size=tuple(size), mode="bilinear",
                                               align_corners=False)) for m in raw])
 
@@ -110,16 +110,16 @@ def assert_raw_close(got: list[torch.Tensor], expected: list[torch.Tensor],
         assert err <= rel * scale, f"max abs diff {err} vs map scale {scale}"
 
 
-def assert_normalised_close(got: torch.Tensor, raw_expected: list[torch.Tensor],
+def assert_normalized_close(got: torch.Tensor, raw_expected: list[torch.Tensor],
                             size: Sequence[int], tol: float = 1e-5,
                             min_rel_span: float = 1e-2) -> int:
-    """Normalised maps agree to ``tol`` wherever the raw map's range is not degenerate.
+    """Normalized maps agree to ``tol`` wherever the raw map's range is not degenerate.
 
     A map is compared when its raw span is at least ``min_rel_span`` of the layer's largest
-    raw value (float32 rounding is ~1e-7 of that, so the normalised error stays ~1e-5 below
+    raw value (float32 rounding is ~1e-7 of that, so the normalized error stays ~1e-5 below
     it). All maps must lie in [0, 1] and be finite. Returns how many maps were compared.
     """
-    expected = naive_normalised(raw_expected, size)
+    expected = naive_normalized(raw_expected, size)
     assert got.dtype == torch.float32
     assert got.shape == expected.shape
     assert torch.isfinite(got).all()
@@ -237,7 +237,7 @@ def vgg() -> nn.Module:
 
 
 def test_tiny_cnn_matches_naive_reference(tiny: TinyNet, tiny_images: torch.Tensor) -> None:
-    """Raw and normalised maps equal a textbook Grad-CAM on a tiny residual CNN with in-place
+    """Raw and normalized maps equal a textbook Grad-CAM on a tiny residual CNN with in-place
     ReLUs/adds right after the target convs, at four layers and four classes."""
     classes = torch.tensor([[0, 3, 5, 1], [2, 2, 4, 0]])
     layers = modules_by_name(tiny, TINY_LAYERS)
@@ -252,7 +252,7 @@ def test_tiny_cnn_matches_naive_reference(tiny: TinyNet, tiny_images: torch.Tens
 
     _, maps = grad_cam(tiny, tiny_images, layers, classes)
     assert maps.shape == (4, 2, 4, 12, 12)
-    assert assert_normalised_close(maps, ref_raw, (12, 12)) >= 24
+    assert assert_normalized_close(maps, ref_raw, (12, 12)) >= 24
 
 
 @pytest.mark.parametrize("name, layer_names, size", [
@@ -262,7 +262,7 @@ def test_tiny_cnn_matches_naive_reference(tiny: TinyNet, tiny_images: torch.Tens
 def test_torchvision_models_match_naive_reference(request: pytest.FixtureRequest, name: str,
                                                   layer_names: list[str], size: int) -> None:
     """resnet18 and vgg11 (random weights, in-place ReLUs, residual adds, dropout) give the
-    naive Grad-CAM's raw and normalised maps at three layers incl. the last conv, K=3."""
+    naive Grad-CAM's raw and normalized maps at three layers incl. the last conv, K=3."""
     model = request.getfixturevalue("resnet" if name == "resnet18" else "vgg")
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(5))
     classes = torch.tensor([[7, 100, 999], [0, 512, 7]])
@@ -276,7 +276,7 @@ def test_torchvision_models_match_naive_reference(request: pytest.FixtureRequest
 
     _, maps = grad_cam(model, images, layers, classes)
     assert maps.shape == (3, 2, 3, size, size)
-    assert assert_normalised_close(maps, ref_raw, (size, size)) >= 6
+    assert assert_normalized_close(maps, ref_raw, (size, size)) >= 6
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ class CamNet(nn.Module):
 
 def test_cam_identity() -> None:
     """With conv -> GAP -> Linear, Grad-CAM at the conv is CAM = ReLU(sum_k w_ck A_k) / (h w):
-    raw maps equal the scaled CAM and normalised maps equal the normalised CAM."""
+    raw maps equal the scaled CAM and normalized maps equal the normalized CAM."""
     torch.manual_seed(6)
     model = CamNet().eval()
     images = torch.randn(3, 3, 10, 10)
@@ -617,7 +617,7 @@ def test_callable_classes_equal_precomputed(tiny: TinyNet, tiny_images: torch.Te
 
 
 def test_normalize_all_zero_map_stays_zero() -> None:
-    """An all-zero map is all zero after normalising (no NaN), next to a normal map."""
+    """An all-zero map is all zero after normalizing (no NaN), next to a normal map."""
     maps = torch.zeros(2, 3, 4, 5)
     maps[1, 2] = torch.arange(20.0).view(4, 5)
     out = normalize_maps(maps)
@@ -644,8 +644,8 @@ def test_normalize_general_map_is_affine_to_unit_range() -> None:
 
 
 def test_normalize_is_scale_invariant_for_small_maps() -> None:
-    """Min-max normalising ignores the map's scale: a Grad-CAM map whose values are small
-    (1e-8, still exactly representable in float32) is normalised like the same map x 1e8."""
+    """Min-max normalizing ignores the map's scale: a Grad-CAM map whose values are small
+    (1e-8, still exactly representable in float32) is normalized like the same map x 1e8."""
     base = torch.tensor([[0.0, 5.0], [1.0, 0.0]])
     expected = torch.tensor([[0.0, 1.0], [0.2, 0.0]])
     torch.testing.assert_close(normalize_maps(base), expected, atol=1e-7, rtol=0)
@@ -777,7 +777,7 @@ class DeadBranchNet(nn.Module):
 def test_dead_branch_gives_zero_map(frozen: bool, dead_after_head: bool, with_live: bool
                                     ) -> None:
     """A target layer whose output does not reach the scores gets all-zero maps (raw and
-    normalised, no NaN), whether or not other target layers are live, the model is frozen, or
+    normalized, no NaN), whether or not other target layers are live, the model is frozen, or
     the dead layer runs after the scores; the live layer's maps stay correct."""
     torch.manual_seed(11)
     model = DeadBranchNet(dead_after_head).requires_grad_(not frozen)

@@ -30,10 +30,10 @@ import pytest
 import torch
 from torch import nn
 
-import main
-import outputs
-from explainer import quantise
-from figures import FigureWriter
+from gradcam_cli import cli
+from gradcam_cli import outputs
+from gradcam_cli.explainer import quantise
+from gradcam_cli.figures import FigureWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -80,7 +80,7 @@ def arguments(model: Path, folder: Path, save_dir: Path, *extra: str) -> list[st
 def reference(tiny_model: Path, images: Path, tmp_path_factory) -> Path:
     """The uninterrupted run, rendered in this process."""
     save_dir = tmp_path_factory.mktemp("reference")
-    assert main.main(arguments(tiny_model, images, save_dir, "--render_workers", "0")) == 0
+    assert cli.main(arguments(tiny_model, images, save_dir, "--render_workers", "0")) == 0
     return save_dir
 
 
@@ -145,7 +145,7 @@ def resume_and_compare(line: str, save_dir: Path, reference: Path,
 def call(argv: list[str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main.main(argv)
+        code = cli.main(argv)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -212,7 +212,7 @@ def finish(process: subprocess.Popen, helpers: list[int]) -> tuple[int, str]:
 def test_render_workers_0_and_2_write_identical_files(tiny_model: Path, images: Path,
                                                       reference: Path, tmp_path: Path) -> None:
     """Two render processes write byte-identical figures, npz files and rows."""
-    assert main.main(arguments(tiny_model, images, tmp_path, "--render_workers", "2")) == 0
+    assert cli.main(arguments(tiny_model, images, tmp_path, "--render_workers", "2")) == 0
     assert_equal_runs(tmp_path, reference)
 
 
@@ -264,7 +264,7 @@ def test_a_figure_that_cannot_be_drawn_stops_inline_as_in_a_render_process(
         tiny_model: Path, images: Path, reference: Path, tmp_path: Path, monkeypatch) -> None:
     """A bug in drawing one image's figure, in the main process (--render_workers 0): exit 3
     and one line naming the image, as a render process reports it; no traceback."""
-    import render_pool
+    from gradcam_cli import render_pool
     original = render_pool.render_image
 
     def fail_on_the_third(job, *args, **kwargs):
@@ -436,7 +436,7 @@ def test_only_a_hung_up_terminal_is_left(tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     script = textwrap.dedent(f"""
         import os, signal, sys, time, traceback
-        import faults
+        from gradcam_cli import faults
         notes = open({str(notes)!r}, "w")
         def on_devnull():
             null = os.stat(os.devnull)
@@ -486,7 +486,7 @@ def test_a_stop_swallowed_by_a_finaliser_is_raised_again(signum: int, capsys) ->
     raised again in the ordinary code instead, with nothing printed."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers are only installed from the main thread")
-    import faults
+    from gradcam_cli import faults
 
     class SignalledWhileCollected:
         def __del__(self) -> None:
@@ -602,7 +602,7 @@ def test_a_stop_as_the_images_are_finished_is_a_clean_stop(
     the row log is closed (a stop then waits until everything is closed): the resume line
     with every image done (not a bare 'interrupted'), summary.csv whole, no render process
     left."""
-    import render_pool
+    from gradcam_cli import render_pool
     if where == "row log closed":
         signal_me_at(monkeypatch, outputs.SummaryLog, "close", signal.SIGINT)
     else:
@@ -634,7 +634,7 @@ def test_a_stop_after_every_image_is_done_is_dropped(signum: int, tiny_model: Pa
 def test_a_render_pool_close_cut_short_is_finished_by_the_next() -> None:
     """A stop signal inside RenderPool.close (while it waits for the processes): the next
     close, the abort every stop makes, still ends them all; a third does nothing."""
-    import render_pool
+    from gradcam_cli import render_pool
     pool = render_pool.RenderPool(2)
     try:
         first = pool._processes[0]
@@ -657,7 +657,7 @@ def test_a_stop_as_the_render_processes_start_ends_those_started(monkeypatch) ->
     itself (else each would hang the interpreter's exit, which waits for it)."""
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers are only installed from the main thread")
-    import render_pool
+    from gradcam_cli import render_pool
     started: list = []
     original = render_pool.multiprocessing.context.SpawnProcess.start
 
@@ -668,7 +668,7 @@ def test_a_stop_as_the_render_processes_start_ends_those_started(monkeypatch) ->
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
     monkeypatch.setattr(render_pool.multiprocessing.context.SpawnProcess, "start",
                         start_then_signal)
-    import faults
+    from gradcam_cli import faults
     try:
         with faults.stop_signals(), pytest.raises(KeyboardInterrupt):
             render_pool.RenderPool(3)
@@ -683,7 +683,7 @@ def test_a_stop_as_the_render_processes_start_ends_those_started(monkeypatch) ->
 def test_stop_signals_put_back_what_the_command_line_set() -> None:
     """main.py ignores the stop signals before main() and main() handles them while it runs;
     when it returns, they are ignored again, so the interpreter's shutdown is never cut."""
-    import faults
+    from gradcam_cli import faults
     previous = {s: signal.getsignal(s) for s in faults.STOP_SIGNALS}
     try:
         faults.ignore_stop_signals()
@@ -728,8 +728,8 @@ def test_out_of_memory_halves_the_batch(tiny_model: Path, images: Path, tmp_path
                                         monkeypatch) -> None:
     """A (faked) CUDA OOM for batches over 2: one line, then batches of 2, for the metrics'
     and Score-CAM's passes too; the outputs equal --batch_size 2 from the start."""
-    import explainer
-    import metrics
+    from gradcam_cli import explainer
+    from gradcam_cli import metrics
     engine, measure = explainer.explain, metrics.faithfulness
     sizes = {"engine": [], "score": [], "metrics": []}
 
@@ -835,7 +835,7 @@ def test_what_counts_as_a_decode_process_death() -> None:
     """The DataLoader's own words for a dead process, and a hand-over broken by a killed
     process; a model's own RuntimeError is not one, nor an error raised inside a decode
     process, nor the pin-memory thread's exit alone (handed_over tells what caused it)."""
-    import faults
+    from gradcam_cli import faults
     assert faults.is_helper_death(RuntimeError("DataLoader worker (pid(s) 7) exited "
                                                "unexpectedly"))
     assert faults.is_helper_death(RuntimeError("DataLoader worker (pid 7) is killed by signal: "
@@ -869,8 +869,8 @@ def test_a_decode_process_failing_for_the_machine_is_one_line(
     """Shared memory full or missing, memory, an OS error inside a decode process: the stop
     is one line with torch's reason (and the fix for shared memory), not a death, and never
     "cannot write in save_dir"."""
-    import faults
-    from batch_run import _as_stop
+    from gradcam_cli import faults
+    from gradcam_cli.batch_run import _as_stop
     stop = _as_stop(_raised_in_a_decode_process(kind, last_line))
     assert isinstance(stop, faults.RunFault)
     assert "\n" not in str(stop) and "save_dir" not in str(stop)
@@ -880,7 +880,7 @@ def test_a_decode_process_failing_for_the_machine_is_one_line(
 def test_a_bug_inside_a_decode_process_keeps_its_traceback() -> None:
     """Anything else raised inside a decode process is a bug: _as_stop leaves it to be
     raised with its traceback."""
-    from batch_run import _as_stop
+    from gradcam_cli.batch_run import _as_stop
     assert _as_stop(_raised_in_a_decode_process(ValueError, "too many values")) is None
     assert _as_stop(_raised_in_a_decode_process(RuntimeError, "shape mismatch")) is None
 
@@ -894,7 +894,7 @@ def test_a_decode_process_prints_no_traceback_for_a_cut_hand_over() -> None:
     script = textwrap.dedent("""
         import os, socket, sys, tempfile, time
         from multiprocessing import resource_sharer
-        import image_loader
+        from gradcam_cli import image_loader
         image_loader._decode_worker_init(0)
         shared = resource_sharer.DupFd(os.open(tempfile.gettempdir(), os.O_RDONLY))
         model_side = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -919,7 +919,7 @@ def test_decode_processes_fit_the_free_shared_memory(monkeypatch, capsys) -> Non
     out at once), with 1 MiB left to the DataLoader's queues; torchrun's processes on the
     machine share it. Where it is short, fewer start (one warning line); with room for none,
     the model process decodes."""
-    from image_loader import decode_processes_that_fit
+    from gradcam_cli.image_loader import decode_processes_that_fit
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     mib = 2 ** 20
@@ -1005,8 +1005,8 @@ def test_a_hand_over_broken_in_the_pin_memory_thread_names_the_dead_process() ->
     """On CUDA the broken hand-over kills the pin-memory thread, and the DataLoader says only
     that the thread exited: the run reports the decode process's death, by pid; with every
     process alive, the thread's own error (kept by the hook); a model's error stays itself."""
-    import faults
-    from image_loader import handed_over
+    from gradcam_cli import faults
+    from gradcam_cli.image_loader import handed_over
     with pytest.raises(faults.DecodeProcessDied, match="4242"):
         next(handed_over(_BrokenHandOver()))
 
@@ -1033,7 +1033,7 @@ def test_the_pin_memory_thread_dies_of_a_broken_hand_over_without_a_traceback(
     the hook as usual."""
     import threading
 
-    from image_loader import quiet_pin_memory_thread
+    from gradcam_cli.image_loader import quiet_pin_memory_thread
     reported = []
     monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.thread.name))
 
@@ -1064,7 +1064,7 @@ import os, signal, sys, time
 import multiprocessing.resource_sharer as resource_sharer
 import torch
 import torch.utils.data._utils.pin_memory as pin_memory
-import batch_run, image_loader
+from gradcam_cli import batch_run, image_loader
 
 # The DataLoader's CUDA path on the CPU: a pin-memory thread that pins nothing.
 torch.accelerator.is_available = lambda: True

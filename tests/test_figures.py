@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from title_text import TextPainter
+from gradcam_cli.title_text import TextPainter
 
 REFERENCES = Path(__file__).resolve().parent / "figures"
 
@@ -80,7 +80,7 @@ def reference(name: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def figures_module():
-    import figures
+    from gradcam_cli import figures
     return figures
 
 
@@ -129,7 +129,7 @@ def test_lines_joined_from_cached_parts_equal_the_fonts_own_drawing(figures_modu
     """A title line is drawn as its cached label part and its probability part, joined at the
     space: for real labels (every 7th ImageNet label, whole and first name), with ranks,
     probabilities and peaks, the pixels and baseline equal the font's drawing of the line."""
-    from utils import default_labels
+    from gradcam_cli.labels import default_labels
     painter = TextPainter(9, bold=False, dpi=100)
     lines = []
     for i, label in enumerate(default_labels(1000)[::7]):
@@ -154,7 +154,7 @@ def test_probability_parts_cut_at_a_space_off_the_pixel_grid_equal_the_fonts_dra
     to every label ending at that phase: every ImageNet label's first name with four
     probabilities equals the font's own line, in the titles' and the headings' painters, and
     the parts, cut from probe lines, are reused across labels."""
-    from utils import default_labels
+    from gradcam_cli.labels import default_labels
     painter = TextPainter(points, bold=bold, dpi=100)
     cut_lines = []
     drawn = painter._draw

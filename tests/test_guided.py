@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradcam import grad_cam
-from guided import guided_backprop, guided_grad_cam
+from gradcam_cli.gradcam import grad_cam
+from gradcam_cli.guided import guided_backprop, guided_grad_cam
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -505,8 +505,9 @@ def test_guided_grad_cam_values() -> None:
 
 
 def test_builtin_model_on_a_photo() -> None:
-    from models import load_model
-    from utils import list_images, load_rgb, prepare_image
+    from gradcam_cli.models import load_model
+    from gradcam_cli.images import list_images, load_rgb
+    from gradcam_cli.preprocessing import prepare_image
     model, preprocessing = load_model(None)
     entry = next(e for e in list_images(DATA) if e.folder_label == "tabby")
     _, pixels = prepare_image(load_rgb(entry.path), preprocessing)

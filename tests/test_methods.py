@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from cam_methods import METHODS
-from gradcam import explain, grad_cam
+from gradcam_cli.cam_methods import METHODS
+from gradcam_cli.gradcam import explain, grad_cam
 
 ACTIVATION = torch.tensor([[[1.0, 2.0], [0.0, 3.0]], [[2.0, 3.0], [1.0, 1.0]]])
 CLASS_WEIGHTS = torch.tensor([

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metrics import Faithfulness, _gaussian_blur, faithfulness, random_maps
+from gradcam_cli.metrics import Faithfulness, _gaussian_blur, faithfulness, random_maps
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 FIELDS = ("deletion_auc", "insertion_auc", "average_drop", "increase")
@@ -357,9 +357,10 @@ def test_grad_cam_deletes_faster_than_random_maps_on_photos() -> None:
     are shared): Grad-CAM's and a seeded random map. Averaged over the photos, removing
     Grad-CAM's pixels first must make the probability fall faster.
     """
-    from gradcam import conv_layers_in_run_order, grad_cam
-    from models import load_model
-    from utils import list_images, load_rgb, prepare_image
+    from gradcam_cli.gradcam import conv_layers_in_run_order, grad_cam
+    from gradcam_cli.models import load_model
+    from gradcam_cli.images import list_images, load_rgb
+    from gradcam_cli.preprocessing import prepare_image
 
     model, preprocessing = load_model(None)
     images = torch.from_numpy(np.stack([prepare_image(load_rgb(e.path), preprocessing)[1]

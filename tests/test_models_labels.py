@@ -29,10 +29,12 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-import main
-import models
-from utils import (IMAGENET_LABELS_PATH, IMAGENET_PREPROCESSING, InputError, Preprocessing,
-                   default_labels, first_name, load_rgb, prepare_image, read_labels)
+from gradcam_cli import cli, launch
+from gradcam_cli import models
+from gradcam_cli.errors import InputError
+from gradcam_cli.images import load_rgb
+from gradcam_cli.labels import IMAGENET_LABELS_PATH, default_labels, first_name, read_labels
+from gradcam_cli.preprocessing import IMAGENET_PREPROCESSING, Preprocessing, prepare_image
 
 ROOT = Path(__file__).resolve().parent.parent
 COFFEE = ROOT / "data" / "espresso" / "coffee.png"
@@ -43,7 +45,7 @@ RESNET18_FILE = torchvision.models.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-
 
 def run_main(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
     """``python main.py ARGV`` in-process: (exit code, stdout, stderr)."""
-    code = main.main([str(a) for a in argv])
+    code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -288,7 +290,7 @@ def test_a_model_of_torch_nn_layers_loads_without_importing_torchvision(
                              nn.Flatten(), nn.Linear(4, 10))
     path = tmp_path / "plain.pt"
     torch.save(original, path)
-    code = ("import sys, torch; import models; model, _ = models.load_model(sys.argv[1]); "
+    code = ("import sys, torch; from gradcam_cli import models; model, _ = models.load_model(sys.argv[1]); "
             "print(sum(float(p.sum()) for p in model.parameters()), "
             "any(name.split('.')[0] == 'torchvision' for name in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT,
@@ -853,14 +855,14 @@ def test_other_models_get_imagenet_or_timm_preprocessing() -> None:
 
 def test_preprocessing_flags_override_each_field() -> None:
     base = Preprocessing(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
-    args = main.parse_args(["--resize", "300", "--crop", "280", "--mean", "0.1", "0.2", "0.3",
+    args = cli.parse_args(["--resize", "300", "--crop", "280", "--mean", "0.1", "0.2", "0.3",
                             "--std", "0.4", "0.5", "0.6"])
-    assert main.preprocessing_from_flags(base, args) == Preprocessing(
+    assert launch.preprocessing_from_flags(base, args) == Preprocessing(
         300, 280, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), "bicubic")
-    only_crop = main.parse_args(["--crop", "112"])  # the resize keeps the model's ratio
-    assert main.preprocessing_from_flags(base, only_crop) == Preprocessing(
+    only_crop = cli.parse_args(["--crop", "112"])  # the resize keeps the model's ratio
+    assert launch.preprocessing_from_flags(base, only_crop) == Preprocessing(
         128, 112, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
-    assert main.preprocessing_from_flags(base, main.parse_args([])) == base
+    assert launch.preprocessing_from_flags(base, cli.parse_args([])) == base
 
 
 @pytest.mark.parametrize("argv,needle", [

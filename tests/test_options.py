@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import main
-from gradcam import upsample_and_normalize
+from gradcam_cli import cli
+from gradcam_cli.gradcam import upsample_and_normalize
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -19,7 +19,7 @@ CAT = DATA / "tabby" / "chelsea.png"
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main.main(["--quiet", "--workers", "0", *map(str, args)])
+    code = cli.main(["--quiet", "--workers", "0", *map(str, args)])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -166,9 +166,9 @@ def test_score_cam_runs_batched_with_progress_lines(tmp_path: Path, monkeypatch,
                                                     capsys) -> None:
     """Score-CAM at a 16-channel conv (backcount 47): 16 masked passes in batches of 64,
     reported as they go, a warning that a conv's signed output does not suit it, and a map."""
-    import batch_run
+    from gradcam_cli import batch_run
     monkeypatch.setattr(batch_run.Progress, "PLAIN_EVERY_S", 0.0)
-    code = main.main(["--images_path", str(CAT), "--method", "scorecam", "--conv2d_backcount",
+    code = cli.main(["--images_path", str(CAT), "--method", "scorecam", "--conv2d_backcount",
                       "47", "--save_dir", str(tmp_path), "--save_raw", "--workers", "0"])
     err = capsys.readouterr().err
     assert code == 0, err
@@ -199,7 +199,7 @@ def test_a_two_class_model_gets_top2_and_lowest(tmp_path: Path, capsys) -> None:
 
 def test_label_names_win_over_indices() -> None:
     """A folder named '1' means the label '1', even when that label is class 0."""
-    from utils import LabelIndex
+    from gradcam_cli.labels import LabelIndex
     index = LabelIndex(["1", "2", "cat, kitty"])
     assert index.find("1") == 0 and index.find("2") == 1
     assert index.find("cat,kitty") == 2 and index.find("Kitty") == 2
@@ -224,5 +224,5 @@ def test_save_dir_where_raw_is_a_file(tmp_path: Path, capsys) -> None:
 
 def test_method_flag_lists_exactly_the_registry() -> None:
     """main.py names the methods itself (no torch import before --help); they must match."""
-    from cam_methods import METHODS
-    assert tuple(METHODS) == main.METHOD_NAMES
+    from gradcam_cli.cam_methods import METHODS
+    assert tuple(METHODS) == cli.METHOD_NAMES

@@ -19,10 +19,10 @@ from urllib.parse import quote
 
 import pytest
 
-import main
-import outputs
-import report
-from utils import read_labels
+from gradcam_cli import cli
+from gradcam_cli import outputs
+from gradcam_cli import report
+from gradcam_cli.labels import read_labels
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -37,7 +37,7 @@ HOSTILE_BROKEN = "broken <b>&amp;.jpg"
 # ----------------------------------------------------------------------------- helpers
 
 def run_tool(save_dir: Path, *args: str, images: Path = DATA) -> int:
-    return main.main(["--images_path", str(images), "--n_images", "all", "--save_dir",
+    return cli.main(["--images_path", str(images), "--n_images", "all", "--save_dir",
                       str(save_dir), "--device", "cpu", "--workers", "0", "--quiet", *args])
 
 

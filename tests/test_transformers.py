@@ -20,9 +20,9 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-import main
-from gradcam import explain, layers_in_run_order, top_and_lowest
-from layer_layouts import Layout, transformer_default
+from gradcam_cli import cli, targets
+from gradcam_cli.gradcam import explain, layers_in_run_order, top_and_lowest
+from gradcam_cli.layer_layouts import Layout, transformer_default
 
 RTOL = 1e-5
 
@@ -138,7 +138,7 @@ def test_vit_default_layer_is_the_last_blocks_first_norm(vit_b_16: nn.Module,
     assert default.name == "encoder.layers.encoder_layer_11.ln_1"
     assert default.layout == Layout("tokens", (14, 14), 768, 1)
     assert layer_named(layers, "conv_proj").layout.kind == "channels-first"
-    (target,) = main.pick_targets(layers, [1], None, backcount_given=False)
+    (target,) = targets.pick_targets(layers, [1], None, backcount_given=False)
     assert target.name == default.name and target.module is default.module
     assert target.describe() == ("encoder.layers.encoder_layer_11.ln_1 (default layer for "
                                  "this transformer)")
@@ -255,7 +255,7 @@ def test_ambiguous_layout_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtu
     folder = tmp_path / "images"
     folder.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "a.png")
-    code = main.main(["--model_path", str(path), "--trust_model", "--layer", "mix", "--images_path", str(folder),
+    code = cli.main(["--model_path", str(path), "--trust_model", "--layer", "mix", "--images_path", str(folder),
                       "--save_dir", str(tmp_path / "out"), "--device", "cpu", "--crop", "32",
                       "--resize", "32"])
     err = capsys.readouterr().err
@@ -304,7 +304,7 @@ def one_image(tmp_path: Path) -> Path:
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main.main([str(a) for a in argv])
+    code = cli.main([str(a) for a in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -349,7 +349,7 @@ def test_cnn_default_is_unchanged(tmp_path: Path) -> None:
     model = torchvision.models.resnet18(weights=None).eval()
     layers, _ = layers_in_run_order(model, torch.zeros(1, 3, 64, 64))
     assert transformer_default(layers) is None
-    (target,) = main.pick_targets(layers, [1], None, backcount_given=False)
+    (target,) = targets.pick_targets(layers, [1], None, backcount_given=False)
     assert target.name == "layer4.1.conv2" and target.backcount == 1
     assert all(layer.layout.kind == "channels-first" for layer in layers)
 
@@ -395,8 +395,8 @@ def test_timm_vit_map_equals_the_hand_reshape(image: torch.Tensor) -> None:
 def test_later_batches_reuse_the_layouts(monkeypatch: pytest.MonkeyPatch) -> None:
     """The layout pass runs once per model, input shape and targets; the next batch of the
     same run reuses it and gets the same maps as a fresh pass."""
-    import gradcam
-    import layer_layouts
+    from gradcam_cli import gradcam
+    from gradcam_cli import layer_layouts
     model = tiny_vit()
     layer = model.encoder.layers[-1].ln_1
     images = torch.randn(2, 3, 224, 224)

@@ -169,7 +169,7 @@ class LayoutTracer:
 
     @staticmethod
     def _last_axis(module: nn.Module, shape: tuple[int, ...]) -> set[str]:
-        """Linear and LayerNorm work on the last axis; a LayerNorm subclass that normalises
+        """Linear and LayerNorm work on the last axis; a LayerNorm subclass that normalizes
         the channel axis instead (torchvision's and timm's LayerNorm2d) is channels-first."""
         if isinstance(module, _LAST_AXIS_TYPES):
             return {CHANNELS_LAST}
@@ -281,7 +281,7 @@ def transformer_default(layers: list):
     token): the first LayerNorm of the last block. At the last block's output only the class
     token reaches the head, so the patch tokens' gradients there are all zero; the last
     block's first norm feeds its attention, where the class token reads every patch token.
-    Models whose head pools the whole grid (Swin): the last normalised grid before the head.
+    Models whose head pools the whole grid (Swin): the last normalized grid before the head.
     """
     convs = [layer for layer in layers if layer.is_conv]
     if not convs or not is_patch_embedding(layers, convs[-1]):

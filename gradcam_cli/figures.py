@@ -11,7 +11,7 @@ import functools
 
 import numpy as np
 
-from title_text import TextPainter
+from .title_text import TextPainter
 
 OVERLAY_ALPHA = 0.5
 

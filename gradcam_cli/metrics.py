@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradcam import eval_mode, normalize_maps
+from .gradcam import eval_mode, normalize_maps
 
 __all__ = ["Faithfulness", "faithfulness", "random_maps", "BASELINES"]
 
@@ -69,7 +69,7 @@ def faithfulness(model: nn.Module, images: torch.Tensor, maps: torch.Tensor,
         batch_size: how many perturbed images go through the model per forward pass.
         baseline: what a removed pixel becomes, for both curves: ``"blur"``, the image blurred
             with a Gaussian of sigma = min(H, W) / 20 (separable, reflect padding, as RISE uses
-            for insertion), or ``"zero"``, zeros: the dataset mean for normalised inputs.
+            for insertion), or ``"zero"``, zeros: the dataset mean for normalized inputs.
 
     The class probability is the softmax of the model's raw scores, taken for the map's class.
 
@@ -83,7 +83,7 @@ def faithfulness(model: nn.Module, images: torch.Tensor, maps: torch.Tensor,
     the baseline, which are computed once per image.
 
     Average drop and increase: Y is the probability on the image, O the probability on the
-    explanation map E = image * map, where "image" is the *normalised* model input (so a zero
+    explanation map E = image * map, where "image" is the *normalized* model input (so a zero
     map gives zeros, the dataset mean, not black). average_drop = max(0, Y - O) / Y * 100
     (0 where Y <= O, so Y = 0 never divides) and increase = 1.0 where O > Y, else 0.0.
     """
@@ -108,7 +108,7 @@ def random_maps(shape: tuple[int, ...] | torch.Size, generator: torch.Generator 
     """Smooth random saliency maps of ``shape`` (..., H, W), float32 in [0, 1].
 
     Uniform noise on a ``cells`` x ``cells`` grid, upsampled bilinearly to H x W and min-max
-    normalised per map: the "random map" baseline, as coarse as Grad-CAM's maps (a 7 x 7 last
+    normalized per map: the "random map" baseline, as coarse as Grad-CAM's maps (a 7 x 7 last
     conv layer for a 224 x 224 input), so a metric cannot favour Grad-CAM just for being smooth.
     The noise comes from ``generator`` (on its device), so a seeded generator repeats the maps.
     """
@@ -146,7 +146,7 @@ def _check_inputs(images: torch.Tensor, maps: torch.Tensor, classes: torch.Tenso
 
 
 def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur (B, C, H, W) with a normalised Gaussian: one 1-D conv per axis, reflect padding.
+    """Blur (B, C, H, W) with a normalized Gaussian: one 1-D conv per axis, reflect padding.
 
     The kernel radius is ceil(3 sigma), capped at H - 1 and W - 1 (reflect padding cannot be
     wider than the image); a constant image is left unchanged.

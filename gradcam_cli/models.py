@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils import IMAGENET_PREPROCESSING, InputError, Preprocessing
+from .errors import InputError
+from .preprocessing import IMAGENET_PREPROCESSING, Preprocessing
 
 BUILTIN_MODEL = "efficientnet-lite0"
 BUILTIN_PREPROCESSING = Preprocessing(resize=256, crop=224, mean=(0.5, 0.5, 0.5),

@@ -25,9 +25,9 @@ from typing import Optional
 
 import numpy as np
 
-import faults
-import outputs
-from figures import FigureWriter, show_figure
+from . import faults
+from . import outputs
+from .figures import FigureWriter, show_figure
 
 QUEUED_PER_PROCESS = 2   # images waiting per render process: enough to never starve one
 POLL_S = 0.05            # how often a wait checks for finished images and dead processes

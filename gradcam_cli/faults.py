@@ -20,6 +20,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from .errors import program
+
 EXIT_FAULT = 3       # stopped by a fault; --skip_existing resumes
 EXIT_SIGINT = 130    # Ctrl-C (SIGINT)
 EXIT_SIGTERM = 143   # SIGTERM (a scheduler, timeout, torchrun stopping its other processes)
@@ -303,7 +305,7 @@ def die_with_parent() -> None:
     """Linux: this process gets SIGKILL when its parent dies, so none is ever left behind."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes  # not at the top: main.py imports this module before it can ignore Ctrl-C
+    import ctypes  # not at the top: the command line imports this before it ignores Ctrl-C
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
@@ -325,15 +327,19 @@ def resume_command(argv: Optional[list[str]]) -> str:
     """The command that started this run, shell-quoted, with --skip_existing added.
 
     Under torchrun it is the launcher's own command line (read from /proc), since that is
-    what the user typed; otherwise the interpreter's original argv."""
+    what the user typed; the installed command is ``gradcam ...``; otherwise the
+    interpreter's original argv (``python main.py ...``)."""
     words: Optional[list[str]] = None
     if os.environ.get("TORCHELASTIC_RUN_ID") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         words = _launcher_command()
+    installed = program() == "gradcam"
     if words is None:
-        if argv is None:
-            words = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+        if argv is not None:
+            words = (["gradcam"] if installed else ["python", "main.py"]) + list(argv)
+        elif installed:
+            words = ["gradcam", *sys.argv[1:]]
         else:
-            words = ["python", "main.py", *argv]
+            words = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
     if "--skip_existing" not in words:
         words.append("--skip_existing")
     return shlex.join(words)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import faults
+from . import faults
 
 if TYPE_CHECKING:
     import torch

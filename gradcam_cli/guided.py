@@ -54,7 +54,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
-from gradcam import check_classes, eval_mode
+from .gradcam import check_classes, eval_mode
 
 __all__ = ["guided_backprop", "guided_grad_cam"]
 

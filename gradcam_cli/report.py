@@ -24,8 +24,8 @@ from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
 
-import outputs
-from utils import LabelIndex, name_key
+from . import outputs
+from .labels import LabelIndex, name_key
 
 REPORT = "report.html"
 ASSETS = Path(__file__).resolve().parent / "report_assets"

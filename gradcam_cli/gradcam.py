@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cam_methods import METHODS
-from layer_layouts import CHANNELS_FIRST, Layout, LayoutTracer, channels_first_by_type
+from .cam_methods import METHODS
+from .layer_layouts import CHANNELS_FIRST, Layout, LayoutTracer, channels_first_by_type
 
 __all__ = ["grad_cam", "explain", "top_and_lowest", "ConvLayer", "conv_layers_in_run_order",
            "layers_in_run_order",
@@ -104,7 +104,7 @@ def check_classes(classes: torch.Tensor, batch_size: int) -> None:
 
 
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise each map (last two dims) to [0, 1].
+    """Min-max normalize each map (last two dims) to [0, 1].
 
     A map that is the same everywhere has no "where": it becomes 1 where it is positive and
     0 where it is zero, so an all-zero map stays zero and nothing is ever NaN.
@@ -141,13 +141,13 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module]
         classes: (B, K) integer tensor: the classes to explain for each image; or a function
             from the (B, C) scores to such a tensor (e.g. ``top_and_lowest``), so the classes
             are picked from the same forward pass that the maps use.
-        raw: return each layer's maps at its own resolution, unnormalised.
+        raw: return each layer's maps at its own resolution, unnormalized.
 
     Returns:
         ``(scores, maps)``: ``scores`` (B, C) are the raw class scores of that forward pass.
         ``maps`` is float32 (L, B, K, H, W), upsampled bilinearly to the input size and
-        min-max normalised per map; with ``raw=True`` it is a list of L tensors (B, K, h, w),
-        after the ReLU, before upsampling and normalising.
+        min-max normalized per map; with ``raw=True`` it is a list of L tensors (B, K, h, w),
+        after the ReLU, before upsampling and normalizing.
     """
     return explain(model, images, layers, classes, method="gradcam", raw=raw)
 

@@ -17,49 +17,19 @@ import numpy as np
 import torch
 from torch import nn
 
-import outputs
-from cam_methods import METHODS
-from gradcam import explain, top_and_lowest, upsample_and_normalize
-import faults
-from faults import RunFault
-from figures import format_probability, guided_to_rgb
-from render_pool import FigureJob, ImageJob
-from utils import ImageEntry, first_name
+from . import outputs
+from .cam_methods import METHODS
+from .gradcam import explain, top_and_lowest, upsample_and_normalize
+from . import faults
+from .faults import RunFault
+from .settings import ExplainOptions
+from .targets import Target
+from .figures import format_probability, guided_to_rgb
+from .render_pool import FigureJob, ImageJob
+from .images import ImageEntry
+from .labels import first_name
 
 TOP = 3
-
-
-@dataclass(frozen=True)
-class Target:
-    """A layer to explain: its tag (in file names and npz keys), name, module and backcount;
-    ``transformer_default`` when it was chosen as a transformer's default layer."""
-
-    tag: str
-    name: str
-    module: nn.Module
-    backcount: Optional[int] = None
-    transformer_default: bool = False
-
-    def describe(self) -> str:
-        if self.transformer_default:
-            return f"{self.name} (default layer for this transformer)"
-        where = f"conv2d_backcount {self.backcount}" if self.backcount else "--layer"
-        return f"{self.name} ({where})"
-
-
-@dataclass(frozen=True)
-class ExplainOptions:
-    """How to explain: the method and its variants, the classes, the scale, the metrics."""
-
-    method: str = "gradcam"
-    counterfactual: bool = False
-    guided: bool = False
-    classes: Optional[tuple[int, ...]] = None
-    true_class: bool = False
-    shared_scale: bool = False
-    metrics: bool = False
-    score_batch_size: int = 64
-    n_classes: int = 1000
 
 
 class ClassPlan:
@@ -274,7 +244,7 @@ class Explainer:
     def _guided(self, inputs: torch.Tensor, classes: torch.Tensor,
                 maps: torch.Tensor) -> np.ndarray:
         """(L, B, K, H, W, 3) uint8: Guided Grad-CAM per layer, image and class."""
-        from guided import guided_backprop, guided_grad_cam
+        from .guided import guided_backprop, guided_grad_cam
         gradients = guided_backprop(self.model, inputs, classes)
         return np.stack([guided_to_rgb(guided_grad_cam(gradients, layer_maps).cpu().numpy())
                          for layer_maps in maps])
@@ -282,7 +252,7 @@ class Explainer:
     def _metrics(self, inputs: torch.Tensor, classes: torch.Tensor,
                  maps: torch.Tensor) -> np.ndarray:
         """(L, B, K, 4): deletion AUC, insertion AUC, average drop %, increase (0/1)."""
-        from metrics import faithfulness
+        from .metrics import faithfulness
         per_layer = []
         for layer_maps in maps:
             scores = faithfulness(self.model, inputs, layer_maps, classes,

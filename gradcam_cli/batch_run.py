@@ -18,33 +18,20 @@ from typing import Optional
 import torch
 from torch import nn
 
-import faults
-import outputs
-import report
-from explainer import ClassPlan, ExplainOptions, Explainer, Target, outputs_of
-from image_loader import SHARED_MEMORY, batches_from, make_loader
-from progress import Progress, score_progress
-from render_pool import InlineRenderer
-from torchrun_group import Distributed
-from utils import ImageEntry, LabelIndex, Preprocessing, normalise
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """What to explain and where to write it."""
-
-    save_dir: Path
-    tags: list[str]
-    n_selected: int
-    batch_size: int
-    workers: int
-    show: bool = False
-    quiet: bool = False
-    save_raw: bool = False
-    skip_existing: bool = False
-    signature: dict = field(default_factory=dict)
-    report: bool = True
-    resume_command: str = "python main.py --skip_existing"
+from . import faults
+from .errors import program
+from . import outputs
+from . import report
+from .explainer import ClassPlan, Explainer, outputs_of
+from .image_loader import SHARED_MEMORY, batches_from, make_loader
+from .progress import Progress, score_progress
+from .render_pool import InlineRenderer
+from .settings import ExplainOptions, RunSettings
+from .targets import Target
+from .torchrun_group import Distributed
+from .images import ImageEntry
+from .labels import LabelIndex
+from .preprocessing import Preprocessing, normalize
 
 
 @dataclass
@@ -113,7 +100,7 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
         progress.update(len(batch["failed"]))
         if batch["shown"] is None:
             return
-        inputs = normalise(batch["shown"], preprocessing, device)
+        inputs = normalize(batch["shown"], preprocessing, device)
         outcome = explainer.explain([mine[p] for p in batch["positions"]],
                                     list(batch["shown"].numpy()), inputs)
         for entry, reason in outcome.failed:
@@ -272,7 +259,7 @@ def _check_display(settings: RunSettings, renderer) -> None:
     """--show shows figures from this process; without a display, say so once and go on."""
     if not getattr(renderer, "show", False):
         return
-    from figures import display_available
+    from .figures import display_available
     if not display_available():
         print("warning: --show: no display available; figures are saved but not shown",
               file=sys.stderr)
@@ -412,7 +399,7 @@ def _finish_stopped(entries: list[ImageEntry], labels: list[str], options: Expla
 
 def _say_stopped(stop: BaseException, done: int, share: int, written: str,
                  settings: RunSettings, dist: Distributed) -> None:
-    who = f"main.py (rank {dist.rank} of {dist.world})" if dist.active else "main.py"
+    who = f"{program()} (rank {dist.rank} of {dist.world})" if dist.active else program()
     print(f"{who}: {faults.describe_stop(stop)}; {done} of {share} images done ({written}); "
           f"resume with: {settings.resume_command}", file=sys.stderr, flush=True)
 

@@ -2,7 +2,7 @@
 
 A DataLoader's worker processes decode the images; each batch reaches the model process as one
 (B, H, W, 3) uint8 tensor through shared memory (a quarter of float32's bytes), which the model
-process copies out at once and normalises on its device (``utils.normalise``). As many decode
+process copies out at once and normalizes on its device (``preprocessing.normalize``). As many decode
 processes start as /dev/shm holds the batches of. A file that cannot be decoded comes back as
 its error, to be skipped by name. A decode process that dies is reported as such, in one line,
 and none is left behind when the run ends.
@@ -21,9 +21,10 @@ from typing import Iterator, Sequence
 
 import torch
 
-import faults
-from torchrun_group import local_world_size
-from utils import ImageEntry, Preprocessing, crop_image, load_rgb
+from . import faults
+from .torchrun_group import local_world_size
+from .images import ImageEntry, load_rgb
+from .preprocessing import Preprocessing, crop_image
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -219,7 +219,7 @@ def accuracy(rows: list[list[str]], labels: list[str], top: int) -> tuple[float,
     over every row so far, once a minute (50,000 rows: 0.6 s of the model process otherwise).
     Rows are the tool's own, of full width (a row with fewer than ``top`` labels is judged on
     the ones it has)."""
-    from utils import LabelIndex, name_key
+    from .labels import LabelIndex, name_key
     index = LabelIndex(labels)
     folder_column, first_label = 2, 3
     truths = {folder: name_key(folder) for folder in {row[folder_column] for row in rows}}

@@ -76,7 +76,7 @@ def score_cam(model: torch.nn.Module, images: torch.Tensor, activation: torch.Te
               ) -> torch.Tensor:
     """Score-CAM (Wang et al. 2020, arXiv 1910.01279): no gradients, one forward per channel.
 
-    H_k = A_k upsampled to the input size and min-max normalised to [0, 1];
+    H_k = A_k upsampled to the input size and min-max normalized to [0, 1];
     alpha_k = softmax(f(X * H_k))_c;  map = ReLU(sum_k alpha_k A_k).
     Returns (B, K, h, w) for the (B, K) ``classes``; the masked inputs go through the model
     ``batch_size`` at a time (B * C forward passes in all).

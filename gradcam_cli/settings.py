@@ -1,0 +1,41 @@
+"""The settings a run is made with, shared by the command line, the explainer and the batch
+run: how to explain (``ExplainOptions``) and what to write where (``RunSettings``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """How to explain: the method and its variants, the classes, the scale, the metrics."""
+
+    method: str = "gradcam"
+    counterfactual: bool = False
+    guided: bool = False
+    classes: Optional[tuple[int, ...]] = None
+    true_class: bool = False
+    shared_scale: bool = False
+    metrics: bool = False
+    score_batch_size: int = 64
+    n_classes: int = 1000
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What to explain and where to write it."""
+
+    save_dir: Path
+    tags: list[str]
+    n_selected: int
+    batch_size: int
+    workers: int
+    show: bool = False
+    quiet: bool = False
+    save_raw: bool = False
+    skip_existing: bool = False
+    signature: dict = field(default_factory=dict)
+    report: bool = True
+    resume_command: str = "python main.py --skip_existing"
