@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_figures import workload  # noqa: E402
 from gradcam_cli.figures import format_probability  # noqa: E402
-from gradcam_cli.render_pool import FigureJob, ImageJob, start_renderer  # noqa: E402
+from gradcam_cli.handover import FigureJob, ImageJob  # noqa: E402
+from gradcam_cli.render_pool import start_renderer  # noqa: E402
 from gradcam_cli.torchrun_group import cores_per_process  # noqa: E402
 
 HEADING = "Grad-CAM at layer 1 (_conv_head)"

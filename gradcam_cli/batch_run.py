@@ -23,6 +23,7 @@ from .errors import program
 from . import outputs
 from . import report
 from .explainer import ClassPlan, Explainer, outputs_of
+from .handover import DecodedBatch
 from .image_loader import SHARED_MEMORY, batches_from, make_loader
 from .progress import Progress, score_progress
 from .render_pool import InlineRenderer
@@ -94,15 +95,15 @@ def run_batches(model: nn.Module, preprocessing: Preprocessing, entries: list[Im
         if live_report is not None:
             live_report.refresh(rows_so_far, result.skipped)
 
-    def explain_batch(batch: dict) -> None:
-        for position, error in batch["failed"]:
+    def explain_batch(batch: DecodedBatch) -> None:
+        for position, error in batch.failed:
             _skip(result, mine[position], f"not a readable image ({error})")
-        progress.update(len(batch["failed"]))
-        if batch["shown"] is None:
+        progress.update(len(batch.failed))
+        if batch.shown is None:
             return
-        inputs = normalize(batch["shown"], preprocessing, device)
-        outcome = explainer.explain([mine[p] for p in batch["positions"]],
-                                    list(batch["shown"].numpy()), inputs)
+        inputs = normalize(batch.shown, preprocessing, device)
+        outcome = explainer.explain([mine[p] for p in batch.positions],
+                                    list(batch.shown.numpy()), inputs)
         for entry, reason in outcome.failed:
             _skip(result, entry, f"the model failed on it ({reason})")
         progress.update(len(outcome.failed))

@@ -25,7 +25,7 @@ from .faults import RunFault
 from .settings import ExplainOptions
 from .targets import Target
 from .figures import format_probability, guided_to_rgb
-from .render_pool import FigureJob, ImageJob
+from .handover import FigureJob, ImageJob
 from .images import ImageEntry
 from .labels import first_name
 

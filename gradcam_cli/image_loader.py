@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 import torch
 
 from . import faults
+from .handover import DecodedBatch
 from .torchrun_group import local_world_size
 from .images import ImageEntry, load_rgb
 from .preprocessing import Preprocessing, crop_image
@@ -46,7 +47,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return position, shown, None
 
 
-def collate(items: list) -> dict:
+def collate(items: list) -> DecodedBatch:
     """The batch's crops as one (B, H, W, 3) uint8 tensor, built in shared memory inside a
     decode process, so it crosses to the model process without being pickled."""
     good = [item for item in items if item[2] is None]
@@ -58,8 +59,8 @@ def collate(items: list) -> dict:
         pixels = shown.numpy()
         for b, item in enumerate(good):
             pixels[b] = item[1]
-    return {"positions": [item[0] for item in good], "shown": shown,
-            "failed": [(item[0], item[2]) for item in items if item[2] is not None]}
+    return DecodedBatch(positions=[item[0] for item in good], shown=shown,
+                        failed=[(item[0], item[2]) for item in items if item[2] is not None])
 
 
 SHARED_MEMORY = Path("/dev/shm")
@@ -146,7 +147,7 @@ PIN_MEMORY_THREAD_EXITED = "Pin memory thread exited unexpectedly"  # the DataLo
 
 
 @contextlib.contextmanager
-def batches_from(loader: torch.utils.data.DataLoader) -> Iterator[Iterator[dict]]:
+def batches_from(loader: torch.utils.data.DataLoader) -> Iterator[Iterator[DecodedBatch]]:
     """The loader's batches, as ``handed_over`` gives them; on the way out, also after an
     error or a signal, its decode processes are stopped (and its pin-memory thread, on CUDA,
     has ended) before the pin-memory thread's errors may print again."""
@@ -161,7 +162,7 @@ def batches_from(loader: torch.utils.data.DataLoader) -> Iterator[Iterator[dict]
             close_loader(batches)
 
 
-def handed_over(batches, pin_thread_errors: Sequence[BaseException] = ()) -> Iterator[dict]:
+def handed_over(batches, pin_thread_errors: Sequence[BaseException] = ()) -> Iterator[DecodedBatch]:
     """The loader's batches, each in the model process's own memory: a copy out of shared
     memory, which the render jobs' crops would otherwise hold on to (and /dev/shm is small in
     a container). On CUDA the pin-memory thread has made that copy already.
@@ -188,8 +189,8 @@ def handed_over(batches, pin_thread_errors: Sequence[BaseException] = ()) -> Ite
             cause = pin_thread_errors[0] if pin_thread and pin_thread_errors else error
             where = "the DataLoader's pin-memory thread" if pin_thread else "a batch's hand-over"
             raise faults.RunFault(f"{where} failed ({type(cause).__name__}: {cause})") from error
-        if batch["shown"] is not None and batch["shown"].is_shared():
-            batch["shown"] = batch["shown"].clone()
+        if batch.shown is not None and batch.shown.is_shared():
+            batch.shown = batch.shown.clone()
         yield batch
 
 

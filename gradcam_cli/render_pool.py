@@ -19,50 +19,18 @@ import os
 import queue
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
-
-import numpy as np
 
 from . import faults
 from . import outputs
 from .figures import FigureWriter, show_figure
+from .handover import ImageJob
 
 QUEUED_PER_PROCESS = 2   # images waiting per render process: enough to never starve one
 POLL_S = 0.05            # how often a wait checks for finished images and dead processes
 CLOSE_S = 30.0           # a normal close waits this long for the last figures
 ABORT_S = 5.0            # a stop gives the current figures this long, then ends the processes
-
-
-@dataclass
-class FigureJob:
-    """One figure of one image: its file, the maps as uint8 colour indices, the titles."""
-
-    path: Path
-    maps: np.ndarray                  # (K, H, W) uint8: round(map * 255), as the overlay uses
-    titles: list[str]
-    heading: str
-    guided: Optional[np.ndarray] = None   # (K, H, W, 3) uint8: the Guided Grad-CAM row
-
-
-@dataclass
-class ImageJob:
-    """Every file of one image: its figures (one per layer) and, with --save_raw, its npz."""
-
-    index: int
-    image_title: str
-    shown: np.ndarray                 # (H, W, 3) uint8: the image as the model saw it
-    layout: tuple[int, int, bool]     # FigureWriter's (n_maps, panel, guided_row)
-    figures: list[FigureJob]
-    raw_path: Optional[Path] = None
-    raw_maps: dict[str, np.ndarray] = field(default_factory=dict)
-    classes: Optional[np.ndarray] = None
-    probabilities: Optional[np.ndarray] = None
-
-    def paths(self) -> list[Path]:
-        """Every file this job writes."""
-        return [f.path for f in self.figures] + ([self.raw_path] if self.raw_path else [])
 
 
 def render_image(job: ImageJob, writers: dict, show: bool = False) -> None:

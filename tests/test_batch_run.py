@@ -298,10 +298,10 @@ def test_the_loader_gives_prepare_image_inputs_to_the_bit(preprocessing) -> None
                                       device=torch.device("cpu"))
     seen = 0
     for batch in loader:
-        inputs = normalize(batch["shown"], preprocessing, torch.device("cpu"))
-        for b, position in enumerate(batch["positions"]):
+        inputs = normalize(batch.shown, preprocessing, torch.device("cpu"))
+        for b, position in enumerate(batch.positions):
             shown, model_input = prepare_image(load_rgb(entries[position].path), preprocessing)
-            np.testing.assert_array_equal(batch["shown"][b].numpy(), shown)
+            np.testing.assert_array_equal(batch.shown[b].numpy(), shown)
             np.testing.assert_array_equal(inputs[b].numpy(), model_input)
             seen += 1
     assert seen == len(entries)
