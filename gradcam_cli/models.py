@@ -15,14 +15,16 @@ Every user mistake raises ``ModelError`` with a one-line message that says what 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
+import os
 import pickle
 import re
 import sys
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -280,7 +282,7 @@ def _load_file(path: Path, trust_model: bool):
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except pickle.UnpicklingError as error:  # pickle opcodes the scanner cannot follow
         if trust_model:
-            return _torch_load(path, weights_only=False)
+            return _trusted_load(path)
         raise ModelError(f"--model_path {path} cannot be checked without running code from it "
                          f"({error}); if you trust the file, add --trust_model") from None
     except Exception as error:
@@ -293,16 +295,58 @@ def _load_file(path: Path, trust_model: bool):
         with torch.serialization.safe_globals(needed):
             loaded = _torch_load(path, weights_only=True)
         return _checked_partials(loaded, allowed, path, trust_model)
+    from_script = [name for name in foreign if name.startswith("__main__.")]
+    if from_script:
+        raise ModelError(_from_script_message(path, from_script[0]))
     if not trust_model:
         raise ModelError(f"--model_path {path} needs the class {foreign[0]}, and unpickling it "
                          f"runs code from the file; if you trust the file, add --trust_model")
+    return _trusted_load(path, foreign[0])
+
+
+def _from_script_message(path: Path, name: str) -> str:
+    """A class pickled from a script run as ``__main__`` can be imported by no other program."""
+    class_name = name.rpartition(".")[2]
+    return (f"--model_path {path} was saved by a script run directly, so its class "
+            f"{class_name} is recorded as __main__.{class_name}, which no other program can "
+            f"import; move {class_name} into a module (e.g. {class_name.lower()}.py), import it "
+            f"from there in the script, and save the model again (or save its state_dict)")
+
+
+@contextlib.contextmanager
+def _user_code_importable() -> Iterator[None]:
+    """The current folder is importable while a trusted file is unpickled, as it is for the
+    user's own ``python train.py``: the classes of a model saved from a training repository
+    live in its modules (models.py, utils.py, ...), which the tool's own package never
+    shadows. Modules imported here stay loaded; the path is put back afterwards."""
+    folder = os.getcwd()
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
     try:
-        return _torch_load(path, weights_only=False)
+        yield
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _trusted_load(path: Path, needed: str | None = None):
+    """Unpickle a file the user trusts (``--trust_model``): it may run code from the file.
+    ``needed`` is the first class outside torch it names, where the file could be scanned."""
+    try:
+        with _user_code_importable():
+            return _torch_load(path, weights_only=False)
     except (ModuleNotFoundError, AttributeError) as error:
-        module, _, name = foreign[0].rpartition(".")
-        raise ModelError(f"--model_path {path} needs the class {name} from the module {module}, "
-                         f"which cannot be imported ({error}); the folder that defines it must be "
-                         f"importable: run from that folder or add it to PYTHONPATH") from None
+        text = str(error)
+        if "__main__" in text:
+            named = re.search(r"attribute '(\w+)'", text)
+            raise ModelError(_from_script_message(
+                path, f"__main__.{named.group(1) if named else 'the model class'}")) from None
+        module, _, name = (needed or "").rpartition(".")
+        what = f"the class {name} from the module {module}" if needed else "a class"
+        raise ModelError(f"--model_path {path} needs {what}, which cannot be imported "
+                         f"({text}); run from the folder that defines it, or add that folder "
+                         f"to PYTHONPATH") from None
 
 
 def _load_legacy_file(path: Path, trust_model: bool):
@@ -316,8 +360,10 @@ def _load_legacy_file(path: Path, trust_model: bool):
         with torch.serialization.safe_globals(list(allowed.values()) + [functools.partial]):
             loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        named = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if named and named.group(1).startswith("__main__."):
+            raise ModelError(_from_script_message(path, named.group(1))) from None
         if not trust_model:
-            named = re.search(r"GLOBAL ([\w.]+)", str(error))
             what = f"the class {named.group(1)}" if named else (
                 f"classes outside torch.nn and torchvision "
                 f"({str(error).splitlines()[0][:160]})")
@@ -328,12 +374,7 @@ def _load_legacy_file(path: Path, trust_model: bool):
                          f"({type(error).__name__}: {str(error).splitlines()[0][:160]})") from None
     else:
         return _checked_partials(loaded, allowed, path, trust_model)
-    try:
-        return _torch_load(path, weights_only=False)
-    except (ModuleNotFoundError, AttributeError) as error:
-        raise ModelError(f"--model_path {path} needs a class that cannot be imported ({error});"
-                         f" the folder that defines it must be importable: run from that folder "
-                         f"or add it to PYTHONPATH") from None
+    return _trusted_load(path)
 
 
 def _checked_partials(loaded, allowed: dict[str, type], path: Path, trust_model: bool):
@@ -344,7 +385,7 @@ def _checked_partials(loaded, allowed: dict[str, type], path: Path, trust_model:
     for wrapped in _partials_in(loaded):
         if not (isinstance(wrapped, type) and wrapped in allowed_classes):
             if trust_model:
-                return _torch_load(path, weights_only=False)
+                return _trusted_load(path)
             name = getattr(wrapped, "__qualname__", type(wrapped).__name__)
             raise ModelError(f"--model_path {path} holds functools.partial over {name}, which "
                              f"is not a torch.nn or torchvision class; if you trust the file, "
