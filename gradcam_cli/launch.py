@@ -168,8 +168,9 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
     with faults.deferred():  # a stop raised inside torch's import can abort the interpreter
         import torch  # (SIGABRT from C++, once in about 100 Ctrl-Cs there): it waits a second
 
-    from .batch_run import finish, run_batches
-    from .settings import ExplainOptions, RunSettings
+    from .batch_run import BatchRun
+    from .settings import ExplainOptions, RunPlan, RunSettings
+    from .summary import finish
     from .targets import pick_targets, print_layers
     from .gradcam import layers_in_run_order
     from .models import load_model
@@ -211,11 +212,11 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
         skip_existing=args.skip_existing, report=not args.no_report,
         signature=run_signature(args, targets, options, len(entries), preprocessing),
         resume_command=resume_command)
+    plan = RunPlan(entries, labels, options, settings, dist)
     dist.start(device)
     try:
-        result = run_batches(model, preprocessing, entries, targets, labels, options,
-                             settings, device, dist, renderer)
-        total = finish(entries, labels, options, settings, result, dist)
+        result = BatchRun(model, preprocessing, targets, plan, device, renderer).run()
+        total = finish(plan, result)
     finally:
         dist.stop()
     if total.stop is not None:

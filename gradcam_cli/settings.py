@@ -1,11 +1,16 @@
-"""The settings a run is made with, shared by the command line, the explainer and the batch
-run: how to explain (``ExplainOptions``) and what to write where (``RunSettings``)."""
+"""The settings a run is made with, shared by the command line, the explainer, the batch run
+and the summary: how to explain (``ExplainOptions``), what to write where (``RunSettings``),
+and the two with the images, labels and process group (``RunPlan``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from .images import ImageEntry
+    from .torchrun_group import Distributed
 
 
 @dataclass(frozen=True)
@@ -39,3 +44,20 @@ class RunSettings:
     signature: dict = field(default_factory=dict)
     report: bool = True
     resume_command: str = "python main.py --skip_existing"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run as each of its stages sees it: every selected image (of all torchrun
+    processes), the labels, how to explain, what to write where, and the process group."""
+
+    entries: list[ImageEntry]
+    labels: list[str]
+    options: ExplainOptions
+    settings: RunSettings
+    dist: Distributed
+
+    @property
+    def share(self) -> list[ImageEntry]:
+        """This process's images: every N-th by index under torchrun, else all of them."""
+        return self.entries[self.dist.rank::self.dist.world]

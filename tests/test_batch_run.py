@@ -15,7 +15,7 @@ import torch
 from gradcam_cli import batch_run
 from gradcam_cli import image_loader
 from gradcam_cli import cli
-from gradcam_cli import render_pool
+from gradcam_cli import render_pool, summary
 from gradcam_cli.gradcam import conv_layers_in_run_order, grad_cam, top_and_lowest
 from gradcam_cli.models import load_model
 from gradcam_cli.images import list_images, load_rgb
@@ -260,13 +260,13 @@ def test_skipped_files_are_named_in_the_run_result(tmp_path: Path, monkeypatch) 
     (folder / "a.png").write_bytes((DATA / "tabby" / "chelsea.png").read_bytes())
     (folder / "b.jpg").write_text("not an image")
     totals = []
-    original = batch_run.finish
+    original = summary.finish
 
     def keep_total(*args, **kwargs):
         totals.append(original(*args, **kwargs))
         return totals[-1]
 
-    monkeypatch.setattr(batch_run, "finish", keep_total)
+    monkeypatch.setattr(summary, "finish", keep_total)
     assert cli.main(["--images_path", str(folder), "--n_images", "all", "--quiet",
                       "--workers", "0", "--device", "cpu",
                       "--save_dir", str(tmp_path / "out")]) == 1

@@ -1,0 +1,170 @@
+"""The end of a run: summary.csv merged from every process's rows, the closing lines, and the
+report; or, for a run that stopped early, what is done and the command that resumes it."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from . import faults, outputs, report
+from .errors import program
+from .explainer import ClassPlan
+from .settings import RunPlan
+
+
+@dataclass
+class RunResult:
+    """Counts of one process (or, after ``finish``, of all) and its summary rows.
+
+    ``skipped`` names each image that was not processed (its path relative to --images_path)
+    and why: not a readable image, or the model failed on it. ``stop`` is what ended the run
+    early (a fault, SIGTERM, Ctrl-C), or None."""
+
+    processed: int = 0
+    unreadable: int = 0
+    already_done: int = 0
+    rows: list[list[str]] = field(default_factory=list)
+    resumed: bool = False
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    stop: Optional[BaseException] = None
+
+
+def summary_header(plan: RunPlan) -> list[str]:
+    """summary.csv's columns for this run's panels, layers and metrics."""
+    return outputs.summary_header(ClassPlan(plan.options).ranks, plan.settings.tags,
+                                  plan.options.metrics)
+
+
+def wanted_rows(plan: RunPlan, rows: dict[int, list[str]],
+                width: Optional[int] = None) -> dict[int, list[str]]:
+    """The rows that belong to this run's images (same index, same file), of full width."""
+    wanted = {entry.index: entry.relative for entry in plan.entries}
+    return {i: row for i, row in rows.items() if wanted.get(i) == row[1]
+            and (width is None or len(row) == width)}
+
+
+def run_report(plan: RunPlan) -> Optional[report.RunReport]:
+    """The run's report.html writer; None with --no_report."""
+    if not plan.settings.report:
+        return None
+    classes = ClassPlan(plan.options)
+    return report.RunReport(plan.settings.save_dir, summary_header(plan), plan.labels,
+                            plan.settings.signature, len(plan.entries),
+                            classes.top if classes.is_top else None)
+
+
+def finish(plan: RunPlan, result: RunResult) -> RunResult:
+    """Merge every process's rows into summary.csv and report; returns the run's totals.
+
+    A stopped run (``result.stop``) only writes what is done and says how to resume; it
+    never waits on the other processes, which may be gone."""
+    if result.stop is None:
+        try:
+            gathered = plan.dist.gather(result)
+        except (KeyboardInterrupt, faults.Terminated, faults.RunFault) as stop:
+            result.stop = stop
+    if result.stop is not None:
+        return _finish_stopped(plan, result)
+    faults.run_complete()  # every image is done: a stop signal from here on is dropped
+    total = RunResult(processed=sum(r.processed for r in gathered),
+                      unreadable=sum(r.unreadable for r in gathered),
+                      already_done=sum(r.already_done for r in gathered),
+                      skipped=[item for r in gathered for item in r.skipped])
+    if not plan.dist.leader:
+        return total
+    carried = outputs.previous_rows(plan.settings.save_dir) if result.resumed else {}
+    rows = wanted_rows(plan, carried)
+    for process in gathered:
+        rows.update({int(row[0]): row for row in process.rows})
+    total.rows = list(rows.values())
+    return _write_summary_and_report(plan, total)
+
+
+def _write_summary_and_report(plan: RunPlan, total: RunResult) -> RunResult:
+    """The first process's summary.csv, report and closing lines for a run that is done."""
+    settings, merged = plan.settings, total.rows
+    classes = ClassPlan(plan.options)
+    header = summary_header(plan)
+    try:
+        outputs.release_space(settings.save_dir)
+        outputs.write_summary(settings.save_dir, header, merged)
+    except OSError as error:
+        total.stop = faults.RunFault(f"cannot write {settings.save_dir / outputs.SUMMARY}: "
+                                     f"{error.strerror or error}")
+        _say_stopped(plan, total.stop, total.processed + total.already_done, len(plan.entries),
+                     "the rows are kept for --skip_existing")
+        return total
+    if plan.options.metrics:
+        ranks = ["top1"] if classes.is_top else classes.ranks
+        print_metric_means(outputs.metric_means(merged, header, settings.tags, ranks), plan,
+                           len(merged), ranks)
+    scores = outputs.accuracy(merged, plan.labels, classes.top) if classes.is_top else None
+    if scores is not None:
+        print(f"accuracy over {len(merged)} images whose folder names are labels: "
+              f"top-1 {scores[0]:.1%}, top-{classes.top} {scores[1]:.1%}")
+    if settings.report:
+        run_report(plan).write(merged, total.skipped)
+    done = f", {total.already_done} already done" if total.already_done else ""
+    print(f"processed {total.processed} image(s), skipped {total.unreadable}{done}; "
+          f"figures in {settings.save_dir}")
+    return total
+
+
+def _finish_stopped(plan: RunPlan, result: RunResult) -> RunResult:
+    """summary.csv for the images done so far, and the one line that says how to resume.
+
+    Under torchrun the first process writes it from every process's row log (which stay in
+    place, as other processes may still be adding to them); the others only say why they
+    stopped."""
+    settings, dist = plan.settings, plan.dist
+    header = summary_header(plan)
+    done = result.processed + result.already_done
+    written = "the rows are kept for --skip_existing"
+    if dist.leader:
+        if dist.active:
+            rows = outputs.previous_rows(settings.save_dir, with_summary=result.resumed)
+        else:
+            rows = outputs.previous_rows(settings.save_dir) if result.resumed else {}
+            rows.update({int(row[0]): row for row in result.rows})
+        rows = wanted_rows(plan, rows, width=len(header))
+        try:
+            with faults.deferred():
+                outputs.release_space(settings.save_dir)
+                outputs.write_summary(settings.save_dir, header, list(rows.values()),
+                                      keep_logs=dist.active)
+            written = f"{len(rows)} in {settings.save_dir / outputs.SUMMARY}"
+        except OSError as error:
+            written = (f"summary.csv not written ({error.strerror or error}); "
+                       f"the rows are kept for --skip_existing")
+        else:
+            stopped_report = run_report(plan)
+            if stopped_report is not None:
+                with faults.deferred():
+                    stopped_report.write(list(rows.values()), result.skipped,
+                                         stopped=faults.describe_stop(result.stop))
+    _say_stopped(plan, result.stop, done, len(plan.share), written)
+    return result
+
+
+def _say_stopped(plan: RunPlan, stop: BaseException, done: int, share: int,
+                 written: str) -> None:
+    dist = plan.dist
+    who = f"{program()} (rank {dist.rank} of {dist.world})" if dist.active else program()
+    print(f"{who}: {faults.describe_stop(stop)}; {done} of {share} images done ({written}); "
+          f"resume with: {plan.settings.resume_command}", file=sys.stderr, flush=True)
+
+
+def print_metric_means(means: dict[str, dict[str, float]], plan: RunPlan, n_images: int,
+                       ranks: list[str]) -> None:
+    """One line per layer: the method's mean faithfulness over the run's maps of ``ranks``
+    (the predicted class's maps by default, as the papers report them)."""
+    options = plan.options
+    kind = "counterfactual " if options.counterfactual else ""
+    print(f"faithfulness of {kind}{options.method} over {n_images} image(s), maps of "
+          f"{', '.join(ranks)} (deletion AUC: lower is better; insertion AUC: higher is "
+          f"better):")
+    for tag, values in means.items():
+        print(f"  {tag}: deletion AUC {values['deletion']:.4f}, insertion AUC "
+              f"{values['insertion']:.4f}, average drop {values['drop']:.1f}%, "
+              f"increase in confidence {100 * values['increase']:.1f}%")
