@@ -106,7 +106,8 @@ def interleaved(functions: dict, repeats: int, device: torch.device) -> dict[str
 def bench_model(name: str, device: torch.device) -> tuple[torch.nn.Module, object]:
     """The built-in model with its weights; torchvision models with random weights."""
     if name == BUILTIN_MODEL:
-        model, preprocessing = load_model(None)
+        loaded_model = load_model(None)
+        model, preprocessing = loaded_model.model, loaded_model.preprocessing
     else:
         model, preprocessing = torchvision.models.get_model(name, weights=None), \
             IMAGENET_PREPROCESSING

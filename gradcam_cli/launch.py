@@ -178,9 +178,9 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
 
     dist = Distributed()
     device = pick_device(args.device, dist.local_rank)
-    model, preprocessing = load_model(args.model_path, args.arch, args.trust_model)
-    preprocessing = preprocessing_from_flags(preprocessing, args)
-    model = model.eval().to(device)
+    loaded = load_model(args.model_path, args.arch, args.trust_model)
+    preprocessing = preprocessing_from_flags(loaded.preprocessing, args)
+    model = loaded.model.eval().to(device)
     try:  # an input too big for memory (--crop 100000) fails here too, in one line
         example = torch.zeros(1, 3, preprocessing.crop, preprocessing.crop, device=device)
         layers, scores = layers_in_run_order(model, example)

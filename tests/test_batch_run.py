@@ -85,7 +85,8 @@ def single_run(tmp_path_factory) -> Path:
 
 def test_raw_maps_hold_the_engine_output_classes_and_probs(single_run: Path) -> None:
     """raw/image{i}.npz equals the engine's raw=True maps for that image, top-3 + lowest."""
-    model, preprocessing = load_model(None)
+    loaded_model = load_model(None)
+    model, preprocessing = loaded_model.model, loaded_model.preprocessing
     model.eval()
     entries = list_images(DATA)
     images = torch.from_numpy(np.stack(

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("method", ["gradcam", "layercam"])
 def test_cpu_and_cuda_agree_on_the_builtin_model(method: str) -> None:
-    model, preprocessing = load_model(None)
+    loaded_model = load_model(None)
+    model, preprocessing = loaded_model.model, loaded_model.preprocessing
     model.eval()
     images = torch.from_numpy(np.stack([prepare_image(load_rgb(e.path), preprocessing)[1]
                                         for e in list_images(DATA)]))
@@ -50,7 +51,7 @@ def test_inputs_normalized_on_cuda_equal_the_cpu_ones() -> None:
     """The batch run normalizes uint8 crops on the model's device: on CUDA the float32
     division and subtraction are IEEE-rounded too, so every pixel value gives the CPU's bits."""
     from gradcam_cli.preprocessing import normalize
-    _, preprocessing = load_model(None)
+    preprocessing = load_model(None).preprocessing
     every_value = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None, None], 3, axis=3)
     shown = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(every_value, (2, 256, 4, 3))))
     on_cpu = normalize(shown, preprocessing, torch.device("cpu"))

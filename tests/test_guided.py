@@ -508,7 +508,8 @@ def test_builtin_model_on_a_photo() -> None:
     from gradcam_cli.models import load_model
     from gradcam_cli.images import list_images, load_rgb
     from gradcam_cli.preprocessing import prepare_image
-    model, preprocessing = load_model(None)
+    loaded_model = load_model(None)
+    model, preprocessing = loaded_model.model, loaded_model.preprocessing
     entry = next(e for e in list_images(DATA) if e.folder_label == "tabby")
     _, pixels = prepare_image(load_rgb(entry.path), preprocessing)
     images = torch.from_numpy(pixels)[None]

