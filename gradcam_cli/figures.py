@@ -8,12 +8,13 @@ Colours are RGB everywhere.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 
-from .title_text import TextPainter
-
 OVERLAY_ALPHA = 0.5
+TITLE_POINTS = 9      # panel titles and the guided row's label, regular
+HEADING_POINTS = 10   # the heading over the figure, bold
 
 
 def format_probability(probability: float) -> str:
@@ -102,6 +103,49 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = OVERLAY_ALPHA
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def font_path(bold: bool) -> Path:
+    """DejaVu Sans (regular or bold) as matplotlib ships it: one file whatever fonts the
+    system has, so titles look the same on every machine. Where a matplotlib was packaged
+    without its fonts, its font manager finds DejaVu Sans (or its nearest) on the system."""
+    import matplotlib
+    path = (Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+            / ("DejaVuSans-Bold.ttf" if bold else "DejaVuSans.ttf"))
+    if path.is_file():
+        return path
+    from matplotlib import font_manager
+    return Path(font_manager.findfont(font_manager.FontProperties(
+        family="DejaVu Sans", weight="bold" if bold else "normal")))
+
+
+class _Font:
+    """One text style: a Pillow FreeType font at ``points`` and ``dpi`` (a float pixel size),
+    its line step, and ``draw``, which puts a line's baseline on a given row.
+
+    Pillow lays lines out with libraqm where it finds it (bidirectional text, shaping), else
+    with its basic layout. ``draw`` puts a line RAISE rows above the baseline row it is given,
+    where matplotlib's FT2Font, which drew the titles before, put them: the layout's rows
+    (band, heading and guided label) are unchanged.
+    """
+
+    RAISE = 1
+
+    def __init__(self, points: float, bold: bool, dpi: int) -> None:
+        from PIL import ImageFont
+        pixels = points * dpi / 72
+        self.font = ImageFont.truetype(str(font_path(bold)), pixels)
+        self.line_height = round(pixels * 1.25)
+
+    def width(self, text: str) -> float:
+        """The line's advance in pixels, as wide as ``draw`` lays it out."""
+        return self.font.getlength(text)
+
+    def draw(self, draw, text: str, centre_x: int, baseline_y: int) -> None:
+        """Black ``text`` on ``draw``'s image, centred on ``centre_x``."""
+        draw.text((centre_x, baseline_y - self.RAISE), text, fill=(0, 0, 0), font=self.font,
+                  anchor="ms")
+
+
 def guided_to_rgb(guided: np.ndarray) -> np.ndarray:
     """(..., 3, H, W) guided gradients -> (..., H, W, 3) uint8 for display.
 
@@ -119,8 +163,9 @@ class FigureWriter:
     """Figures as RGB arrays: the image as the model saw it, then one overlay per class.
 
     Every panel is pasted at the model's own input resolution (no resampling), titles are drawn
-    with matplotlib's font engine and colours come from its jet colour map. Nothing is laid out
-    again per image, which keeps a figure's cost well below the model's.
+    by Pillow (FreeType) in matplotlib's copy of DejaVu Sans, black on white, and colours come
+    from matplotlib's jet colour map. Nothing is laid out again per image, which keeps a
+    figure's cost well below the model's.
     """
 
     GAP = 8
@@ -133,8 +178,8 @@ class FigureWriter:
         self.guided_row = guided_row
         self.width = self.n_panels * panel + (self.n_panels + 1) * self.GAP
         self.height = panel + self.BAND + self.GAP + (panel + self.GAP if guided_row else 0)
-        self._title = TextPainter(9, bold=False, dpi=self.DPI)
-        self._heading = TextPainter(10, bold=True, dpi=self.DPI)
+        self._title = _Font(TITLE_POINTS, bold=False, dpi=self.DPI)
+        self._heading = _Font(HEADING_POINTS, bold=True, dpi=self.DPI)
         self._blank = np.full((self.height, self.width, 3), 255, dtype=np.uint8)
 
     def _panel_left(self, slot: int) -> int:
@@ -169,20 +214,32 @@ class FigureWriter:
         ``guided`` (K, H, W, 3) uint8 fills a second row (Guided Grad-CAM) under the overlays.
         """
         figure = self._blank.copy()
-        if heading:
-            self._heading.paint(figure, heading, self.width // 2, 4 + self._heading.line_height
-                                - self._heading.line_height // 4)
-        line = self._title.line_height
-        for slot, title in enumerate([image_title] + list(titles)):
-            lines = self._fit(title)
-            for row, text in enumerate(lines):
-                baseline = self.BAND - 6 - (len(lines) - 1 - row) * line
-                self._title.paint(figure, text, self._panel_left(slot) + self.panel // 2,
-                                  baseline)
+        self._paint_band(figure, titles, image_title, heading)
         self._paste_panels(figure, image, heatmaps)
         if guided is not None:
             self._paint_guided_row(figure, guided)
         return figure
+
+    def _paint_band(self, figure: np.ndarray, titles: list[str], image_title: str,
+                    heading: str) -> None:
+        """The band above the panels: the heading, then each panel's title, centred on the
+        panel, its last line's baseline 6 px above the panels, drawn into one white image that
+        is copied straight into the figure (RGB: a greyscale one costs more to spread over
+        three channels than its text to draw)."""
+        from PIL import Image, ImageDraw
+        band = Image.new("RGB", (self.width, self.BAND), (255, 255, 255))
+        draw = ImageDraw.Draw(band)
+        if heading:
+            step = self._heading.line_height
+            self._heading.draw(draw, heading, self.width // 2, 4 + step - step // 4)
+        step = self._title.line_height
+        for slot, title in enumerate([image_title] + list(titles)):
+            lines = self._fit(title)
+            centre = self._panel_left(slot) + self.panel // 2
+            for row, text in enumerate(lines):
+                self._title.draw(draw, text, centre,
+                                 self.BAND - 6 - (len(lines) - 1 - row) * step)
+        figure[:self.BAND] = np.asarray(band)
 
     def _paste_panels(self, figure: np.ndarray, image: np.ndarray,
                       heatmaps: np.ndarray) -> None:
@@ -194,11 +251,17 @@ class FigureWriter:
             _blend_into(figure[rows, left:left + self.panel], image, indices, OVERLAY_ALPHA)
 
     def _paint_guided_row(self, figure: np.ndarray, guided: np.ndarray) -> None:
+        from PIL import Image, ImageDraw
         top = self.BAND + self.panel + self.GAP
+        # The label's cell: under the image, with the gaps around it (white), to the figure's
+        # bottom edge, so a small panel's label is not cut at the panel's own edges.
+        right, bottom = self._panel_left(1), self.height
+        cell = Image.new("RGB", (right, bottom - top), (255, 255, 255))
+        draw = ImageDraw.Draw(cell)
         centre = self._panel_left(0) + self.panel // 2
         for row, text in enumerate(("Guided", "Grad-CAM")):
-            self._title.paint(figure, text, centre, top + self.panel // 2
-                              + row * self._title.line_height)
+            self._title.draw(draw, text, centre, self.panel // 2 + row * self._title.line_height)
+        figure[top:bottom, :right] = np.asarray(cell)
         for slot, pixels in enumerate(guided, start=1):
             left = self._panel_left(slot)
             figure[top:top + self.panel, left:left + self.panel] = pixels
@@ -218,7 +281,7 @@ def show_figure(figure: np.ndarray, title: str) -> None:
 def display_available() -> bool:
     """Whether matplotlib can open windows here (an interactive backend was found)."""
     import matplotlib
-    import matplotlib.pyplot  # noqa: F401  (resolves the backend)
+    import matplotlib.pyplot  # resolves the backend
     from matplotlib.backends import BackendFilter, backend_registry
     interactive = backend_registry.list_builtin(BackendFilter.INTERACTIVE)
     return matplotlib.get_backend().lower() in {b.lower() for b in interactive}
