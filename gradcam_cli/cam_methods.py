@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .heads import SOFTMAX, Head
+
 EPS = 1e-7
 Progress = Optional[Callable[[int, int], None]]
 
@@ -72,12 +74,13 @@ def hires_cam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
 
 
 def score_cam(model: torch.nn.Module, images: torch.Tensor, activation: torch.Tensor,
-              classes: torch.Tensor, batch_size: int = 64, progress: Progress = None
-              ) -> torch.Tensor:
+              classes: torch.Tensor, batch_size: int = 64, progress: Progress = None,
+              head: Head = SOFTMAX) -> torch.Tensor:
     """Score-CAM (Wang et al. 2020, arXiv 1910.01279): no gradients, one forward per channel.
 
     H_k = A_k upsampled to the input size and min-max normalized to [0, 1];
-    alpha_k = softmax(f(X * H_k))_c;  map = ReLU(sum_k alpha_k A_k).
+    alpha_k = p_c(X * H_k), the class probability (softmax; a sigmoid head's own sigmoid);
+    map = ReLU(sum_k alpha_k A_k).
     Returns (B, K, h, w) for the (B, K) ``classes``; the masked inputs go through the model
     ``batch_size`` at a time (B * C forward passes in all).
     """
@@ -90,7 +93,7 @@ def score_cam(model: torch.nn.Module, images: torch.Tensor, activation: torch.Te
         index_k = torch.tensor([k for _, k in chunk], device=images.device)
         masks = _unit_masks(activation[index_b, index_k].unsqueeze(1), images.shape[-2:])
         masked = images[index_b] * masks
-        probabilities = torch.softmax(model(masked).float(), dim=1)
+        probabilities = head.probabilities(head.scores(model(masked)))
         chosen = probabilities.gather(1, classes[index_b])
         weights[index_b, :, index_k] = chosen.to(weights.dtype)
         if progress is not None:

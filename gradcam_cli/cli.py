@@ -85,6 +85,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    """A number strictly between 0 and 1 for argparse (a threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability between 0 and 1")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     if text.isdigit():
         return int(text)
@@ -128,6 +139,9 @@ def get_args_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     parser.add_argument("--arch", default=None,
                         help="architecture of a state_dict file: a torchvision classifier name "
                              "or efficientnet-lite0")
+    parser.add_argument("--ema", action="store_true",
+                        help="a timm training checkpoint: explain its EMA weights "
+                             "(state_dict_ema) instead of its state_dict")
     parser.add_argument("--trust_model", action="store_true",
                         help="allow a model file that needs classes outside torch.nn and "
                              "torchvision; unpickling it runs code from the file")
@@ -171,6 +185,18 @@ def get_args_parser(prog: str = "main.py") -> argparse.ArgumentParser:
     parser.add_argument("--layer", nargs="+", default=None, metavar="NAME",
                         help="target modules by qualified name (see --list_layers) instead of "
                              "--conv2d_backcount")
+    parser.add_argument("--multi_label", action="store_true",
+                        help="each class has its own sigmoid probability (a model trained with "
+                             "BCEWithLogits on several labels); automatic for Hugging Face "
+                             "configs whose problem_type is multi_label_classification; a model "
+                             "with one output is always read as binary")
+    parser.add_argument("--threshold", type=probability, default=0.5,
+                        help="multi-label: a class is shown when its probability is at least "
+                             "this")
+    parser.add_argument("--max_panels", type=positive_int, default=3,
+                        help="how many classes get a panel before the lowest one: the top "
+                             "ones (multi-label: those at or above --threshold, the most "
+                             "probable first)")
     parser.add_argument("--scale", choices=("per-map", "shared"), default="per-map",
                         help="per-map: each map stretched to [0, 1]; shared: one scale for all "
                              "maps of an image and layer, so a weak map looks weak")

@@ -26,45 +26,72 @@ from .settings import ExplainOptions
 from .targets import Target
 from .figures import format_probability, guided_to_rgb
 from .handover import FigureJob, ImageJob
+from .heads import HEADS
 from .images import ImageEntry
 from .labels import first_name
 
-TOP = 3
-
-
 class ClassPlan:
-    """Which classes the panels of every image explain, and how their titles read."""
+    """Which classes the panels of every image explain, and how their titles read.
+
+    By default: the ``max_panels`` top classes, then the lowest-scoring one (left out when
+    the top ones are every class, so no class is shown twice). A multi-label model shows only
+    the top classes at or above its threshold (at least the most probable one, saying when
+    none reaches it). A binary model shows its class and what argues against it."""
 
     def __init__(self, options: ExplainOptions) -> None:
         self.fixed = list(options.classes) if options.classes else None
         self.true_class = options.true_class
         self.counterfactual = options.counterfactual
-        self.top = min(TOP, options.n_classes)
-        base = ([f"class{i + 1}" for i in range(len(self.fixed))] if self.fixed
-                else [f"top{r + 1}" for r in range(self.top)] + ["lowest"])
+        self.binary = options.head == "binary" and self.fixed is None
+        self.multi_label = options.head == "sigmoid"
+        self.threshold = options.threshold
+        self.top = min(options.max_panels, options.n_classes)
+        if self.fixed:
+            base = [f"class{i + 1}" for i in range(len(self.fixed))]
+        elif self.binary:
+            base = ["positive", "against"]
+        else:
+            base = [f"top{r + 1}" for r in range(self.top)]
+            base += ["lowest"] if options.n_classes > self.top else []
         self.ranks = base + (["true"] if self.true_class else [])
 
     @property
     def is_top(self) -> bool:
-        return self.fixed is None
+        return self.fixed is None and not self.binary
 
     def choose(self, scores: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
         """(B, K) classes; an unknown true class (-1) falls back to the top-1 class."""
+        batch = scores.shape[0]
         if self.fixed:
-            chosen = torch.tensor(self.fixed, device=scores.device).expand(scores.shape[0], -1)
-        else:
+            chosen = torch.tensor(self.fixed, device=scores.device).expand(batch, -1)
+        elif self.binary:  # heads.BINARY: class 1 is y, class 0 is -y (what argues against)
+            chosen = torch.tensor([1, 0], device=scores.device).expand(batch, -1)
+        elif "lowest" in self.ranks:
             chosen = top_and_lowest(scores, self.top)
+        else:  # the top classes are all of them
+            chosen = scores.topk(self.top, dim=1).indices
         if self.true_class:
             truth = truth.to(scores.device)
             fallback = scores.argmax(dim=1)
             chosen = torch.cat([chosen, torch.where(truth >= 0, truth, fallback)[:, None]], 1)
         return chosen
 
+    def shown(self, probabilities: list[float]) -> list[bool]:
+        """Which panels an image shows: a multi-label model's top classes below the threshold
+        are left out, except the most probable one."""
+        return [not (self.multi_label and self.is_top and rank.startswith("top")
+                     and rank != "top1" and p < self.threshold)
+                for rank, p in zip(self.ranks, probabilities)]
+
     def titles(self, labels: list[str], classes: list[int], probabilities: list[float],
                truth_known: bool, peaks: Optional[list[float]] = None) -> list[str]:
         """'1. tabby 16.1%', 'lowest: ...', 'true: ...'; 'against' marks counterfactuals."""
         titles = []
         for rank, c, p in zip(self.ranks, classes, probabilities):
+            name = first_name(labels[c])
+            if rank == "against":  # a binary model: the map of -y, with P(not the class)
+                titles.append(f"against {first_name(labels[1])} (not: {format_probability(p)})")
+                continue
             if rank == "lowest":
                 prefix = "lowest:"
             elif rank == "true":
@@ -74,7 +101,9 @@ class ClassPlan:
             else:
                 prefix = ""
             against = "against " if self.counterfactual else ""
-            title = f"{prefix} {against}{first_name(labels[c])} {format_probability(p)}"
+            title = f"{prefix} {against}{name} {format_probability(p)}"
+            if rank == "top1" and self.multi_label and p < self.threshold:
+                title += f" (none \u2265 {format_probability(self.threshold)})"
             titles.append(title.strip())
         if peaks is not None:
             titles = [f"{t} (peak {peak:.3g})" for t, peak in zip(titles, peaks)]
@@ -138,6 +167,7 @@ class Explainer:
         self.labels = labels
         self.options = options
         self.plan = ClassPlan(options)
+        self.head = HEADS[options.head]
         self.settings = settings
         self.class_of_folder = class_of_folder
         self.score_progress = score_progress
@@ -223,10 +253,10 @@ class Explainer:
             self.model, inputs, [t.module for t in self.targets],
             lambda s: self.plan.choose(s, truth), method=options.method,
             counterfactual=options.counterfactual, raw=True,
-            batch_size=self.score_batch_size, progress=self.score_progress)
+            batch_size=self.score_batch_size, progress=self.score_progress, head=self.head)
         classes = self.plan.choose(scores, truth)
         maps = upsample_and_normalize(raw_maps, inputs.shape[-2:], shared=options.shared_scale)
-        probabilities = torch.softmax(scores.float(), dim=1).gather(1, classes)
+        probabilities = self.head.probabilities(scores).gather(1, classes)
         guided = self._guided(inputs, classes, maps) if options.guided else None
         if options.metrics:  # faithfulness is measured on each map's own [0, 1] scale
             per_map = (upsample_and_normalize(raw_maps, inputs.shape[-2:])
@@ -245,7 +275,7 @@ class Explainer:
                 maps: torch.Tensor) -> np.ndarray:
         """(L, B, K, H, W, 3) uint8: Guided Grad-CAM per layer, image and class."""
         from .guided import guided_backprop, guided_grad_cam
-        gradients = guided_backprop(self.model, inputs, classes)
+        gradients = guided_backprop(self.model, inputs, classes, head=self.head)
         return np.stack([guided_to_rgb(guided_grad_cam(gradients, layer_maps).cpu().numpy())
                          for layer_maps in maps])
 
@@ -256,7 +286,7 @@ class Explainer:
         per_layer = []
         for layer_maps in maps:
             scores = faithfulness(self.model, inputs, layer_maps, classes,
-                                  batch_size=self.score_batch_size)
+                                  batch_size=self.score_batch_size, head=self.head)
             per_layer.append(torch.stack([scores.deletion_auc, scores.insertion_auc,
                                           scores.average_drop, scores.increase], dim=-1))
         return torch.stack(per_layer).float().cpu().numpy()
@@ -278,22 +308,27 @@ class Explainer:
                            settings.save_raw)
         classes, probabilities = computed.classes[b], computed.probabilities[b]
         peaks = computed.peaks[:, b]
+        shown_panels = self.plan.shown(probabilities.tolist())
+        keep = [k for k, panel in enumerate(shown_panels) if panel]
+        layout = (len(keep),) + self.layout[1:]
         figures = []
         for layer, target in enumerate(self.targets):
             titles = self.plan.titles(self.labels, classes.tolist(), probabilities.tolist(),
                                       bool(computed.truth[b] >= 0), peaks[layer].tolist()
                                       if self.options.shared_scale else None)
             figures.append(FigureJob(
-                paths[layer], computed.maps[layer, b], titles, self.heading(target),
-                None if computed.guided is None else computed.guided[layer, b]))
-        job = ImageJob(entry.index, entry.relative, shown, self.layout, figures)
+                paths[layer], computed.maps[layer, b][keep], [titles[k] for k in keep],
+                self.heading(target),
+                None if computed.guided is None else computed.guided[layer, b][keep]))
+        job = ImageJob(entry.index, entry.relative, shown, layout, figures)
         if computed.raw is not None:
             job.raw_path = paths[-1]
             job.raw_maps = dict(zip(tags, (m[b] for m in computed.raw)))
             job.classes, job.probabilities = classes, probabilities
         row = outputs.summary_row(
             entry.index, entry.relative, entry.folder_label,
-            [self.labels[c] for c in classes], probabilities.tolist(),
+            [self.labels[c] if panel else "" for c, panel in zip(classes, shown_panels)],
+            [p if panel else None for p, panel in zip(probabilities.tolist(), shown_panels)],
             [p.name for p in paths[:len(tags)]],
             outputs.extra_values(peaks, None if computed.metrics is None
                                  else computed.metrics[:, b]))

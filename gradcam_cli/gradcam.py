@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cam_methods import METHODS
+from .heads import SOFTMAX, Head, class_scores
 from .layer_layouts import CHANNELS_FIRST, Layout, LayoutTracer, channels_first_by_type
 
 __all__ = ["grad_cam", "explain", "top_and_lowest", "ConvLayer", "conv_layers_in_run_order",
@@ -130,7 +131,7 @@ def top_and_lowest(scores: torch.Tensor, top: int = 3) -> torch.Tensor:
 
 
 def grad_cam(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
-             classes: ClassChoice, raw: bool = False):
+             classes: ClassChoice, raw: bool = False, head: Head = SOFTMAX):
     """Grad-CAM maps for several classes at several layers, from one forward pass.
 
     Args:
@@ -142,6 +143,9 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module]
             from the (B, C) scores to such a tensor (e.g. ``top_and_lowest``), so the classes
             are picked from the same forward pass that the maps use.
         raw: return each layer's maps at its own resolution, unnormalized.
+        head: how the model's output reads as class scores (``heads.Head``): the output may
+            be a tensor, an object with ``.logits``, a dict or a tuple; a binary head's one
+            output y is explained as the classes [-y, y].
 
     Returns:
         ``(scores, maps)``: ``scores`` (B, C) are the raw class scores of that forward pass.
@@ -149,12 +153,12 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module]
         min-max normalized per map; with ``raw=True`` it is a list of L tensors (B, K, h, w),
         after the ReLU, before upsampling and normalizing.
     """
-    return explain(model, images, layers, classes, method="gradcam", raw=raw)
+    return explain(model, images, layers, classes, method="gradcam", raw=raw, head=head)
 
 
 def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
             classes: ClassChoice, method: str = "gradcam", counterfactual: bool = False,
-            raw: bool = False, batch_size: int = 64, progress=None):
+            raw: bool = False, batch_size: int = 64, progress=None, head: Head = SOFTMAX):
     """Like ``grad_cam``, for any method of ``cam_methods.METHODS``.
 
     ``counterfactual=True`` negates the gradients (Selvaraju et al., section 5): the map shows
@@ -180,7 +184,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
         tracer = None if known is not None or all(channels_first_by_type(m) for m in layers) \
             else LayoutTracer(images)
         with _forward_hooks(layers, recorder), _tracing(model, tracer), torch.no_grad():
-            scores = model(images)
+            scores = head.scores(model(images))
             classes = _classes_for(scores, classes, images.shape[0])
             missing = [i for i, a in enumerate(recorder.activations) if a is None]
             if missing:
@@ -200,7 +204,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
             with torch.no_grad():
                 raw_maps = [chosen.from_scores(model, images, layout.to_grid(activation.detach()),
                                                classes, batch_size=batch_size,
-                                               progress=progress).float()
+                                               progress=progress, head=head).float()
                             for activation, layout in zip(activations, layouts)]
     scores = scores.detach()
     if raw:
@@ -273,10 +277,8 @@ def upsample_and_normalize(raw_maps: Sequence[torch.Tensor], size,
     return normalize_maps(joint).view(layers, batch, classes, height, width)
 
 
-def _classes_for(scores, classes: ClassChoice, batch_size: int) -> torch.Tensor:
+def _classes_for(scores: torch.Tensor, classes: ClassChoice, batch_size: int) -> torch.Tensor:
     """The (B, K) classes to explain, checked against the scores of the forward pass."""
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-        raise ValueError("the model must return a (B, C) tensor of class scores")
     if not isinstance(classes, torch.Tensor):
         classes = classes(scores.detach())
         check_classes(classes, batch_size)
@@ -342,7 +344,8 @@ def layers_in_run_order(model: nn.Module, example: torch.Tensor
     """Every submodule with a 4-D output, or a token output (B, T, D) on a patch grid, in the
     order of its last call in a forward pass, each with its layout.
 
-    Returns the layers (the last to run is last) and the model's scores for ``example``.
+    Returns the layers (the last to run is last) and the model's class scores for
+    ``example`` (``heads.class_scores``: ``OutputError`` when its output holds none).
     A module that never runs is left out; one that runs twice is counted once, at its last
     call. Runs under ``no_grad`` (not inference mode), so lazy modules get ordinary weights.
     """
@@ -360,8 +363,8 @@ def layers_in_run_order(model: nn.Module, example: torch.Tensor
                                      isinstance(module, nn.Conv2d), layout)
 
     with eval_mode(model), _forward_hooks(modules, record), torch.no_grad():
-        scores = model(example)
-    return list(order.values()), scores
+        output = model(example)
+    return list(order.values()), class_scores(output)
 
 
 def conv_layers_in_run_order(model: nn.Module, example: torch.Tensor

@@ -55,6 +55,7 @@ from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
 
 from .gradcam import check_classes, eval_mode
+from .heads import SOFTMAX, Head
 
 __all__ = ["guided_backprop", "guided_grad_cam"]
 
@@ -182,14 +183,15 @@ class _GuidedReLUMode(TorchFunctionMode):
         return _guided_relu(call)
 
 
-def guided_backprop(model: nn.Module, images: torch.Tensor, classes: torch.Tensor
-                    ) -> torch.Tensor:
+def guided_backprop(model: nn.Module, images: torch.Tensor, classes: torch.Tensor,
+                    head: Head = SOFTMAX) -> torch.Tensor:
     """Guided-backpropagation gradients of each image's class scores with respect to the image.
 
     Args:
         model: the classifier; it is left exactly as it was found (see the module docstring).
         images: (B, C, H, W) float tensor, already preprocessed, on the model's device.
         classes: (B, K) integer tensor: the classes to explain for each image.
+        head: how the model's output reads as class scores (see ``heads.Head``).
 
     Returns:
         (B, K, C, H, W), the input's dtype: d y_c / d image for c = ``classes[b, k]``, y_c the
@@ -206,9 +208,7 @@ def guided_backprop(model: nn.Module, images: torch.Tensor, classes: torch.Tenso
         pixels = images.detach().clone().requires_grad_(True)
         with _GuidedReLUMode() as mode:
             # The model gets a non-leaf copy, so in-place ops on its input behave as usual.
-            scores = model(pixels.clone())
-        if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-            raise ValueError("the model must return a (B, C) tensor of class scores")
+            scores = head.scores(model(pixels.clone()))
         if classes.max() >= scores.shape[1] or classes.min() < 0:
             raise ValueError(f"classes must lie in 0..{scores.shape[1] - 1}")
         if mode.caught == 0:

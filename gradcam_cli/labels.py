@@ -16,7 +16,32 @@ IMAGENET_LABELS_PATH = Path(__file__).resolve().parent / "imagenet1000_labels.tx
 
 
 def read_labels(labels_path: str | Path, n_classes: int) -> list[str]:
-    """Read a ``{0: 'cat', 1: 'dog', ...}`` file safely (``ast.literal_eval``, never eval)."""
+    """Read a ``{0: 'cat', 1: 'dog', ...}`` file safely (``ast.literal_eval``, never eval) for
+    a model of ``n_classes`` outputs. A binary model (one output) takes one name, the positive
+    class's, or two: what argues against it, then it."""
+    labels = read_labels_file(labels_path)
+    if n_classes == 1 and len(labels) in (1, 2):
+        return binary_labels(labels)
+    if len(labels) != n_classes:
+        wanted = ("1 entry (the positive class) or 2 (negative, positive)" if n_classes == 1
+                  else f"{n_classes} entries")
+        raise InputError(f"--labels_path {labels_path} has {len(labels)} labels but the model "
+                         f"has {n_classes} outputs; give a labels file with {wanted}")
+    return labels
+
+
+def binary_labels(names: list[str] | None) -> list[str]:
+    """The two classes of a binary model (one output y, explained as [-y, y]): what argues
+    against the positive class, then the positive class."""
+    if not names:
+        return ["negative", "positive"]
+    if len(names) == 1:
+        return [f"not {names[0]}", names[0]]
+    return list(names[:2])
+
+
+def read_labels_file(labels_path: str | Path) -> list[str]:
+    """The names of a labels file, in class order; any count."""
     path = Path(labels_path)
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -38,14 +63,14 @@ def read_labels(labels_path: str | Path, n_classes: int) -> list[str]:
             or sorted(labels) != list(range(len(labels))):
         raise InputError(f"--labels_path {labels_path}: the keys must be the integers "
                          f"0..{len(labels) - 1}, each once")
-    if len(labels) != n_classes:
-        raise InputError(f"--labels_path {labels_path} has {len(labels)} labels but the model "
-                         f"has {n_classes} outputs; give a labels file with {n_classes} entries")
-    return [str(labels[i]) for i in range(n_classes)]
+    return [str(labels[i]) for i in range(len(labels))]
 
 
 def default_labels(n_classes: int) -> list[str]:
-    """ImageNet names for a 1000-class model, else ``class i``."""
+    """ImageNet names for a 1000-class model, 'negative' and 'positive' for a binary one (one
+    output), else ``class i``."""
+    if n_classes == 1:
+        return binary_labels(None)
     if n_classes == 1000:
         return read_labels(IMAGENET_LABELS_PATH, n_classes)
     return [f"class {i}" for i in range(n_classes)]

@@ -65,8 +65,12 @@ def resolve_classes(names: list[str] | None, labels: list[str]) -> tuple[int, ..
     return tuple(found)
 
 
-def choose_labels(args: argparse.Namespace, n_classes: int) -> list[str]:
-    from .labels import IMAGENET_LABELS_PATH, default_labels, read_labels
+def choose_labels(args: argparse.Namespace, n_classes: int,
+                  from_model: list[str] | None = None) -> list[str]:
+    """The class names: --labels_path, --imageNet_labels, the model's own (a Hugging Face
+    config's id2label), else the defaults. A binary model (one output) gets two names: what
+    argues against its class, then its class (``labels.binary_labels``)."""
+    from .labels import IMAGENET_LABELS_PATH, binary_labels, default_labels, read_labels
     if args.labels_path:
         return read_labels(args.labels_path, n_classes)
     if args.imageNet_labels:
@@ -74,7 +78,17 @@ def choose_labels(args: argparse.Namespace, n_classes: int) -> list[str]:
             raise UsageError(f"--imageNet_labels: the model has {n_classes} outputs, not the "
                              f"1000 ImageNet classes; give --labels_path with {n_classes} labels")
         return read_labels(IMAGENET_LABELS_PATH, n_classes)
+    if from_model is not None and len(from_model) == n_classes:
+        return binary_labels(from_model) if n_classes == 1 else list(from_model)
     return default_labels(n_classes)
+
+
+def pick_head(n_outputs: int, multi_label: bool) -> str:
+    """How the scores read as probabilities: one output is a binary model (sigmoid), a
+    multi-label model has a sigmoid per class, any other a softmax over its classes."""
+    if n_outputs == 1:
+        return "binary"
+    return "sigmoid" if multi_label else "softmax"
 
 
 def select_images(entries: list, n_images: int | None) -> list:
@@ -173,23 +187,23 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
     from .summary import finish
     from .targets import pick_targets, print_layers
     from .gradcam import layers_in_run_order
+    from .heads import OutputError
     from .models import load_model
     from .torchrun_group import Distributed
 
     dist = Distributed()
     device = pick_device(args.device, dist.local_rank)
-    loaded = load_model(args.model_path, args.arch, args.trust_model)
+    loaded = load_model(args.model_path, args.arch, args.trust_model, args.ema)
     preprocessing = preprocessing_from_flags(loaded.preprocessing, args)
     model = loaded.model.eval().to(device)
     try:  # an input too big for memory (--crop 100000) fails here too, in one line
         example = torch.zeros(1, 3, preprocessing.crop, preprocessing.crop, device=device)
         layers, scores = layers_in_run_order(model, example)
+    except OutputError as error:
+        raise UsageError(str(error)) from None
     except Exception as error:
         raise UsageError(f"the model fails on a {preprocessing.crop}x{preprocessing.crop} RGB "
                          f"image ({type(error).__name__}: {error})") from None
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-        raise UsageError("the model must return one (batch, classes) tensor of scores; got "
-                         f"{type(scores).__name__}")
     if args.list_layers:
         if not layers:
             raise UsageError("the model has no layer with a 4-D output to explain")
@@ -197,14 +211,19 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
         print_layers(layers, transformer_default(layers))
         return 0
     targets = pick_targets(layers, args.conv2d_backcount, args.layer, args.backcount_given)
-    labels = choose_labels(args, scores.shape[1])
+    labels = choose_labels(args, scores.shape[1], loaded.labels)
+    head = pick_head(scores.shape[1], args.multi_label or loaded.multi_label)
+    if head == "binary" and args.counterfactual and not args.classes:
+        raise UsageError("--counterfactual: this model has one output (binary), and its figure "
+                         "already shows the map against its class beside the map for it")
     batch_size = args.batch_size or (GPU_BATCH_SIZE if device.type == "cuda" else
                                      CPU_BATCH_SIZE)
     options = ExplainOptions(
         method=args.method, counterfactual=args.counterfactual, guided=args.guided,
         classes=resolve_classes(args.classes, labels), true_class=args.true_class,
         shared_scale=args.scale == "shared", metrics=args.metrics,
-        score_batch_size=batch_size, n_classes=scores.shape[1])
+        score_batch_size=batch_size, n_classes=len(labels), head=head,
+        threshold=args.threshold, max_panels=args.max_panels)
     settings = RunSettings(
         save_dir=make_save_dir(args.save_dir, args.save_raw), tags=[t.tag for t in targets],
         n_selected=len(entries), batch_size=batch_size,

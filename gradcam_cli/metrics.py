@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gradcam import eval_mode, normalize_maps
+from .heads import SOFTMAX, Head
 
 __all__ = ["Faithfulness", "faithfulness", "random_maps", "BASELINES"]
 
@@ -56,7 +57,7 @@ class Faithfulness:
 
 def faithfulness(model: nn.Module, images: torch.Tensor, maps: torch.Tensor,
                  classes: torch.Tensor, steps: int = 16, batch_size: int = 64,
-                 baseline: str = "blur") -> Faithfulness:
+                 baseline: str = "blur", head: Head = SOFTMAX) -> Faithfulness:
     """Deletion AUC, insertion AUC, average drop and increase for each of B x K maps.
 
     Args:
@@ -71,7 +72,8 @@ def faithfulness(model: nn.Module, images: torch.Tensor, maps: torch.Tensor,
             with a Gaussian of sigma = min(H, W) / 20 (separable, reflect padding, as RISE uses
             for insertion), or ``"zero"``, zeros: the dataset mean for normalized inputs.
 
-    The class probability is the softmax of the model's raw scores, taken for the map's class.
+    The class probability is ``head``'s: the softmax of the model's raw scores (a sigmoid
+    head's own sigmoid), taken for the map's class.
 
     Deletion and insertion: the pixels are ordered by the map, highest first, ties broken by
     pixel index (a stable sort on -map, row-major). After s of the ``steps`` chunks, the first
@@ -99,7 +101,7 @@ def faithfulness(model: nn.Module, images: torch.Tensor, maps: torch.Tensor,
                      if baseline == "blur" else torch.zeros_like(images))
         jobs = _job_table(n_images, n_maps, n_pixels, steps, device)
         builder = _PerturbedImages(images, baselines, maps, jobs)
-        probs = _probabilities(model, builder, classes, jobs["image"], batch_size)
+        probs = _probabilities(model, builder, classes, jobs["image"], batch_size, head)
     return _scores(probs.clone(), n_images, n_maps, steps)  # clone: not an inference tensor
 
 
@@ -222,17 +224,15 @@ class _PerturbedImages:
 
 
 def _probabilities(model: nn.Module, builder: _PerturbedImages, classes: torch.Tensor,
-                   image_of_row: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(rows, K) softmax probabilities of each row's image's K classes, ``batch_size`` at a time."""
+                   image_of_row: torch.Tensor, batch_size: int, head: Head) -> torch.Tensor:
+    """(rows, K) probabilities of each row's image's K classes, ``batch_size`` at a time."""
     out = []
     for start in range(0, len(builder), batch_size):
         rows = slice(start, min(start + batch_size, len(builder)))
-        scores = model(builder(rows))
-        if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-            raise ValueError("the model must return a (B, C) tensor of class scores")
+        scores = head.scores(model(builder(rows)))
         if start == 0 and (classes.min() < 0 or classes.max() >= scores.shape[1]):
             raise ValueError(f"classes must lie in 0..{scores.shape[1] - 1}")
-        probs = torch.softmax(scores.float(), dim=1)
+        probs = head.probabilities(scores)
         out.append(probs.gather(1, classes[image_of_row[rows]]))
     return torch.cat(out)
 

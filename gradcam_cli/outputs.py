@@ -53,8 +53,12 @@ def summary_header(ranks: list[str], tags: list[str], metrics: bool) -> list[str
 
 
 def summary_row(index: int, relative: str, folder_label: str | None, labels: list[str],
-                probabilities: list[float], figures: list[str], extras: list[str]) -> list[str]:
-    pairs = [value for label, p in zip(labels, probabilities) for value in (label, f"{p:.6g}")]
+                probabilities: list[float | None], figures: list[str],
+                extras: list[str]) -> list[str]:
+    """One image's row; a panel not shown (a multi-label class below the threshold) has an
+    empty label and probability."""
+    pairs = [value for label, p in zip(labels, probabilities)
+             for value in (label, "" if p is None else f"{p:.6g}")]
     return [str(index), relative, folder_label or ""] + pairs + [";".join(figures)] + extras
 
 

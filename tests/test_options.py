@@ -179,9 +179,9 @@ def test_score_cam_runs_batched_with_progress_lines(tmp_path: Path, monkeypatch,
     assert score.shape == (4, 112, 112) and np.isfinite(score).all()
 
 
-def test_a_two_class_model_gets_top2_and_lowest(tmp_path: Path, capsys) -> None:
-    """With fewer than 3 classes the panels are top-1, top-2 and lowest, and every row fits
-    the header."""
+def test_a_two_class_model_gets_top2_and_no_lowest(tmp_path: Path, capsys) -> None:
+    """With fewer than 3 classes the panels are top-1 and top-2 (the lowest would be top-2
+    again: no class is shown twice), and every row fits the header."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                 torch.nn.Linear(4, 2))
@@ -193,8 +193,9 @@ def test_a_two_class_model_gets_top2_and_lowest(tmp_path: Path, capsys) -> None:
     with open(tmp_path / "out" / "summary.csv", newline="", encoding="utf-8") as file:
         rows = list(csv.reader(file))
     header = rows[0]
-    assert header[3:9] == ["top1", "top1_prob", "top2", "top2_prob", "lowest", "lowest_prob"]
+    assert header[3:8] == ["top1", "top1_prob", "top2", "top2_prob", "figures"]
     assert all(len(row) == len(header) for row in rows)
+    assert rows[1][3] != rows[1][5]
 
 
 def test_label_names_win_over_indices() -> None:
