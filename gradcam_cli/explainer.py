@@ -59,6 +59,13 @@ class ClassPlan:
     def is_top(self) -> bool:
         return self.fixed is None and not self.binary
 
+    @property
+    def accuracy_top(self) -> Optional[int]:
+        """The k of the run's top-k accuracy: 1 for a binary model, None with --classes."""
+        if self.binary:
+            return 1
+        return self.top if self.is_top else None
+
     def choose(self, scores: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
         """(B, K) classes; an unknown true class (-1) falls back to the top-1 class."""
         batch = scores.shape[0]

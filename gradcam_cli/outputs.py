@@ -214,8 +214,12 @@ def save_raw(path: Path, maps_by_tag: dict[str, np.ndarray], classes: np.ndarray
         temporary.write_bytes(buffer.getvalue())
 
 
-def accuracy(rows: list[list[str]], labels: list[str], top: int) -> tuple[float, float] | None:
+def accuracy(rows: list[list[str]], labels: list[str], top: int,
+             binary_threshold: float | None = None) -> tuple[float, float] | None:
     """Top-1 and top-``top`` accuracy when every image's folder name is one of the labels.
+
+    A binary model's rows (panels ``positive``, ``against``) predict the positive class when
+    its probability is at least ``binary_threshold``, else the other (``binary_predictions``).
 
     Folder and predicted labels are compared by name, so classes that share a name (ImageNet
     has two 'crane's) count as the same answer, as a folder name cannot tell them apart.
@@ -224,6 +228,9 @@ def accuracy(rows: list[list[str]], labels: list[str], top: int) -> tuple[float,
     Rows are the tool's own, of full width (a row with fewer than ``top`` labels is judged on
     the ones it has)."""
     from .labels import LabelIndex, name_key
+    if binary_threshold is not None:
+        rows = binary_predictions(rows, binary_threshold)
+        top = 1
     index = LabelIndex(labels)
     folder_column, first_label = 2, 3
     truths = {folder: name_key(folder) for folder in {row[folder_column] for row in rows}}
@@ -241,3 +248,22 @@ def accuracy(rows: list[list[str]], labels: list[str], top: int) -> tuple[float,
         hits_1 += matches[0]
         hits_k += any(matches)
     return hits_1 / len(rows), hits_k / len(rows)
+
+
+def binary_predictions(rows: list[list[str]], threshold: float) -> list[list[str]]:
+    """A binary model's rows with the predicted class's label and probability first: the
+    positive class where its probability is at least ``threshold``, else the other."""
+    first = 3  # index, path, folder, then positive, positive_prob, against, against_prob
+    predicted = []
+    for row in rows:
+        positive = _as_float(row[first + 1]) >= threshold
+        chosen = row[first:first + 2] if positive else row[first + 2:first + 4]
+        predicted.append(row[:first] + chosen + row[first + 2:])
+    return predicted
+
+
+def _as_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")

@@ -32,6 +32,7 @@ ASSETS = Path(__file__).resolve().parent / "report_assets"
 _JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
                  "\u2028": "\\u2028", "\u2029": "\\u2029"}
 _FIRST_LABEL = 3  # summary.csv: index, path, folder_label, then label/probability pairs
+BINARY_RANKS = ["positive", "against"]  # a binary model's panels (explainer.ClassPlan)
 
 
 @dataclass
@@ -56,6 +57,8 @@ class ReportInfo:
     settings: dict[str, str] = field(default_factory=dict)
     finished: bool = True
     stopped: str = ""
+    head: str = "softmax"
+    threshold: float = 0.5
 
 
 def run_info(signature: dict, labels: list[str], n_images: int,
@@ -80,6 +83,8 @@ def run_info(signature: dict, labels: list[str], n_images: int,
     return ReportInfo(model=model, layers=[tuple(t) for t in signature.get("targets", [])],
                       method=method, n_images=n_images, labels=labels, skipped=list(skipped),
                       accuracy=accuracy, metrics=bool(options.get("metrics")),
+                      head=str(options.get("head", "softmax")),
+                      threshold=float(options.get("threshold", 0.5)),
                       settings=shown, finished=finished, stopped=stopped)
 
 
@@ -121,7 +126,10 @@ class RunReport:
     def write(self, rows: list[list[str]], skipped: list[tuple[str, str]],
               finished: bool = True, stopped: str = "") -> None:
         """Write the page for these rows now."""
-        accuracy = outputs.accuracy(rows, self.labels, self.top) if self.top else None
+        binary = self.signature.get("options", {}).get("head") == "binary"
+        threshold = self.signature.get("options", {}).get("threshold", 0.5)
+        accuracy = outputs.accuracy(rows, self.labels, self.top,
+                                    threshold if binary else None) if self.top else None
         info = run_info(self.signature, self.labels, self.n_images, skipped, accuracy,
                         finished=finished, stopped=stopped)
         try:
@@ -169,7 +177,12 @@ def page_data(header: list[str], rows: list[list[str]], info: ReportInfo,
     ids: dict[str, int] = {}
     folders = column(2)
     panel = [column(_FIRST_LABEL + 2 * k) for k in range(len(ranks))]
-    right, right_k, per_class = _judge(info.labels, folders, panel[:top])
+    predicted = panel[:top]
+    if ranks[:2] == BINARY_RANKS:  # judged on the class predicted at the threshold
+        top = 1
+        predicted = [[row[_FIRST_LABEL] for row in
+                      outputs.binary_predictions(rows, info.threshold)]]
+    right, right_k, per_class = _judge(info.labels, folders, predicted)
     return {"info": {key: value for key, value in asdict(info).items() if key != "labels"},
             "ranks": ranks, "top": top, "metrics": metric_columns,
             "index": [int(row[0]) for row in rows], "path": column(1),

@@ -50,8 +50,7 @@ def run_report(plan: RunPlan) -> Optional[report.RunReport]:
         return None
     classes = ClassPlan(plan.options)
     return report.RunReport(plan.settings.save_dir, summary_header(plan), plan.labels,
-                            plan.settings.signature, len(plan.entries),
-                            classes.top if classes.is_top else None)
+                            plan.settings.signature, len(plan.entries), classes.accuracy_top)
 
 
 def finish(plan: RunPlan, result: RunResult) -> RunResult:
@@ -99,10 +98,7 @@ def _write_summary_and_report(plan: RunPlan, total: RunResult) -> RunResult:
         ranks = ["top1"] if classes.is_top else classes.ranks
         print_metric_means(outputs.metric_means(merged, header, settings.tags, ranks), plan,
                            len(merged), ranks)
-    scores = outputs.accuracy(merged, plan.labels, classes.top) if classes.is_top else None
-    if scores is not None:
-        print(f"accuracy over {len(merged)} images whose folder names are labels: "
-              f"top-1 {scores[0]:.1%}, top-{classes.top} {scores[1]:.1%}")
+    print_accuracy(merged, plan, classes)
     if settings.report:
         run_report(plan).write(merged, total.skipped)
     done = f", {total.already_done} already done" if total.already_done else ""
@@ -153,6 +149,28 @@ def _say_stopped(plan: RunPlan, stop: BaseException, done: int, share: int,
     who = f"{program()} (rank {dist.rank} of {dist.world})" if dist.active else program()
     print(f"{who}: {faults.describe_stop(stop)}; {done} of {share} images done ({written}); "
           f"resume with: {plan.settings.resume_command}", file=sys.stderr, flush=True)
+
+
+def print_accuracy(rows: list[list[str]], plan: RunPlan, classes: ClassPlan) -> None:
+    """The run's accuracy, when every folder name is a label: top-1 and top-k; for a
+    multi-label model, whether the folder's class is the most probable and whether it is
+    among the classes shown (at or above the threshold); for a binary model, whether the
+    class predicted at the threshold is the folder's."""
+    if classes.accuracy_top is None:
+        return
+    binary = plan.options.threshold if classes.binary else None
+    scores = outputs.accuracy(rows, plan.labels, classes.accuracy_top, binary)
+    if scores is None:
+        return
+    where = f"accuracy over {len(rows)} images whose folder names are labels"
+    if classes.binary:
+        print(f"{where}: {scores[0]:.1%} (the class when its probability is at least "
+              f"{plan.options.threshold:g}, else {plan.labels[0]})")
+    elif classes.multi_label:
+        print(f"{where}: most probable class {scores[0]:.1%}, folder class at or above "
+              f"{plan.options.threshold:g} (or the most probable) {scores[1]:.1%}")
+    else:
+        print(f"{where}: top-1 {scores[0]:.1%}, top-{classes.top} {scores[1]:.1%}")
 
 
 def print_metric_means(means: dict[str, dict[str, float]], plan: RunPlan, n_images: int,
