@@ -252,13 +252,16 @@ def accuracy(rows: list[list[str]], labels: list[str], top: int,
 
 def binary_predictions(rows: list[list[str]], threshold: float) -> list[list[str]]:
     """A binary model's rows with the predicted class's label and probability first: the
-    positive class where its probability is at least ``threshold``, else the other."""
+    positive class where its probability is at least ``threshold``, else the other (the
+    two pairs swap places)."""
     first = 3  # index, path, folder, then positive, positive_prob, against, against_prob
     predicted = []
     for row in rows:
-        positive = _as_float(row[first + 1]) >= threshold
-        chosen = row[first:first + 2] if positive else row[first + 2:first + 4]
-        predicted.append(row[:first] + chosen + row[first + 2:])
+        if _as_float(row[first + 1]) >= threshold:
+            predicted.append(row)
+        else:
+            predicted.append(row[:first] + row[first + 2:first + 4] + row[first:first + 2]
+                             + row[first + 4:])
     return predicted
 
 

@@ -76,7 +76,7 @@ def run_info(signature: dict, labels: list[str], n_images: int,
     shown = {"images from": str(signature.get("images", "")),
              "labels": labels_path or ("ImageNet (bundled)" if imagenet else "default names"),
              "classes": ", ".join(labels[c] for c in options.get("classes") or ())
-             or "top-3 and lowest",
+             or _default_classes(options, labels),
              "scale": "shared" if options.get("shared_scale") else "per-map"}
     if options.get("true_class"):
         shown["true class panel"] = "yes"
@@ -86,6 +86,17 @@ def run_info(signature: dict, labels: list[str], n_images: int,
                       head=str(options.get("head", "softmax")),
                       threshold=float(options.get("threshold", 0.5)),
                       settings=shown, finished=finished, stopped=stopped)
+
+
+def _default_classes(options: dict, labels: list[str]) -> str:
+    """What the panels show without --classes, in words (see explainer.ClassPlan)."""
+    head, top = options.get("head", "softmax"), options.get("max_panels", 3)
+    if head == "binary":
+        return f"{labels[-1]} and what argues against it (binary: sigmoid of one output)"
+    if head == "sigmoid":
+        return (f"the top {top} at or above {options.get('threshold', 0.5):g} and the lowest "
+                f"(multi-label: a sigmoid per class)")
+    return f"top-{top} and lowest"
 
 
 def write_report(save_dir: Path, header: list[str], rows: list[list[str]],
@@ -167,6 +178,10 @@ def page_data(header: list[str], rows: list[list[str]], info: ReportInfo,
                       for metric in outputs.METRICS] if ranks else []
     metric_columns = [name for name in metric_columns if name in header]
     rows = sorted(rows, key=lambda row: int(row[0]))
+    if ranks[:2] == BINARY_RANKS:  # the entries show the class predicted at the threshold
+        rows = outputs.binary_predictions(rows, info.threshold)
+        ranks = ["predicted", "other"] + ranks[2:]
+        top = 1
 
     def column(at: int) -> list[str]:
         try:
@@ -177,12 +192,7 @@ def page_data(header: list[str], rows: list[list[str]], info: ReportInfo,
     ids: dict[str, int] = {}
     folders = column(2)
     panel = [column(_FIRST_LABEL + 2 * k) for k in range(len(ranks))]
-    predicted = panel[:top]
-    if ranks[:2] == BINARY_RANKS:  # judged on the class predicted at the threshold
-        top = 1
-        predicted = [[row[_FIRST_LABEL] for row in
-                      outputs.binary_predictions(rows, info.threshold)]]
-    right, right_k, per_class = _judge(info.labels, folders, predicted)
+    right, right_k, per_class = _judge(info.labels, folders, panel[:top])
     return {"info": {key: value for key, value in asdict(info).items() if key != "labels"},
             "ranks": ranks, "top": top, "metrics": metric_columns,
             "index": [int(row[0]) for row in rows], "path": column(1),

@@ -23,6 +23,10 @@
   const BYS = { any: "true or predicted", true: "true (folder)", predicted: "predicted (top-1)" };
   const JUDGED = DATA.right.some((right) => right !== -1);
   const IS_TOP = DATA.top > 0;
+  // What "top-k" means for this run's head: a multi-label model's shown classes are those
+  // at or above its threshold; a binary model is judged on the class it predicts.
+  const TOP_K = DATA.info.head === "sigmoid"
+    ? "at or above " + DATA.info.threshold : "top-" + DATA.top;
   const SORTS = makeSorts();
 
   let state = readHash();
@@ -213,8 +217,11 @@
     add("skipped", skippedList());
     let accuracy;
     if (INFO.accuracy) {
-      accuracy = "top-1 " + ratio(INFO.accuracy[0]) + ", top-" + DATA.top + " " +
-        ratio(INFO.accuracy[1]) + " (folder names as labels)";
+      accuracy = DATA.info.head === "binary"
+        ? ratio(INFO.accuracy[0]) + " (the class predicted at " + DATA.info.threshold +
+          "; folder names as labels)"
+        : "top-1 " + ratio(INFO.accuracy[0]) + ", " + TOP_K + " " +
+          ratio(INFO.accuracy[1]) + " (folder names as labels)";
     } else {
       accuracy = IS_TOP ? "\u2014 (not every folder name is a label)" : "\u2014 (run with --classes)";
     }
@@ -249,7 +256,7 @@
     section.appendChild(el("summary", null, "Per class (" + DATA.classes.length +
       " folder classes; click a class to list its images, a heading to sort)"));
     const table = el("table");
-    const columns = ["class", "images", "top-1 accuracy", "top-" + DATA.top + " accuracy",
+    const columns = ["class", "images", "top-1 accuracy", TOP_K + " accuracy",
       "most frequent wrong top-1"];
     const head = el("tr");
     const body = el("tbody");
@@ -460,7 +467,8 @@
       top1.appendChild(label);
       top1.appendChild(el("span", "prob", " " + percent(row[PROBS][0])));
       if (row[RIGHT] === 0 && row[RIGHT_K] === 1) {
-        top1.appendChild(el("span", "note", " (folder class in top-" + DATA.top + ")"));
+        top1.appendChild(el("span", "note", " (folder class " + (DATA.info.head === "sigmoid"
+          ? TOP_K : "in " + TOP_K) + ")"));
       }
       about.appendChild(top1);
     }
