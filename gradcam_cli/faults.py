@@ -37,14 +37,28 @@ class DecodeProcessDied(RuntimeError):
     while handing a batch over, which breaks the connection its shared memory travels on."""
 
 
-# The DataLoader's errors for a dead decode process ("DataLoader worker (pid 7) is killed by
-# signal", "... (pid(s) 7) exited unexpectedly"). An error raised inside a decode process
-# comes back as "Caught X in DataLoader worker process 0.", not a death (see decode_fault).
-_LOADER_DEATHS = ("DataLoader worker (pid",)
-_IN_DECODE_PROCESS = "in DataLoader worker process"
-# torch's words when a decode process cannot put a batch in shared memory (/dev/shm).
-_SHARED_MEMORY = ("unable to allocate shared memory", "unable to open shared memory")
-_OUT_OF_MEMORY = ("not enough memory", "Cannot allocate memory")
+# torch's words, which the fault layer matches (and the name of the DataLoader's pin-memory
+# thread). torch promises none of them: tests/test_torch_contract.py checks each against the
+# installed torch, and names the function to update where one has changed.
+#
+# A dead decode process: "DataLoader worker (pid 7) is killed by signal: Killed." (its SIGCHLD
+# handler) or "DataLoader worker (pid(s) 7) exited unexpectedly" (its status check), raised in
+# the model process wherever it is (is_helper_death).
+LOADER_DEATH_WORDS = ("DataLoader worker (pid",)
+# An error raised inside a decode process comes back as "Caught X in DataLoader worker process
+# 0.", followed by that process's traceback: not a death (decode_fault).
+IN_DECODE_PROCESS_WORDS = "in DataLoader worker process"
+# A decode process cannot put a batch in shared memory, /dev/shm (is_shared_memory_full).
+SHARED_MEMORY_WORDS = ("unable to allocate shared memory", "unable to open shared memory")
+# An allocation failed: torch's CPU allocator's words, and the C library's for ENOMEM, which
+# torch quotes (decode_fault).
+OUT_OF_MEMORY_WORDS = ("not enough memory", "Cannot allocate memory")
+# The DataLoader's error once its pin-memory thread (CUDA) has died (image_loader.handed_over).
+PIN_MEMORY_THREAD_EXITED = "Pin memory thread exited unexpectedly"
+# In the pin-memory thread's name, which Python takes from its target, torch's function
+# _pin_memory_loop: "Thread-3 (_pin_memory_loop)" (image_loader.quiet_pin_memory_thread).
+PIN_MEMORY_THREAD_NAME = "_pin_memory_loop"
+
 SHARED_MEMORY_ADVICE = ("give a container more with docker run --shm-size=1g (or --ipc=host), "
                         "or in Kubernetes an emptyDir of medium Memory at /dev/shm")
 
@@ -54,7 +68,8 @@ def is_helper_death(error: BaseException) -> bool:
     is neither the model's fault nor a bug."""
     if isinstance(error, DecodeProcessDied):
         return True
-    return isinstance(error, RuntimeError) and any(text in str(error) for text in _LOADER_DEATHS)
+    return isinstance(error, RuntimeError) and any(words in str(error)
+                                                   for words in LOADER_DEATH_WORDS)
 
 
 def decode_fault(error: BaseException) -> Optional[str]:
@@ -63,17 +78,17 @@ def decode_fault(error: BaseException) -> Optional[str]:
     DataLoader worker process N" with the process's traceback; None for anything else raised
     there (a bug, which should show its traceback)."""
     text = str(error)
-    if _IN_DECODE_PROCESS not in text:
+    if IN_DECODE_PROCESS_WORDS not in text:
         return None
     if isinstance(error, (OSError, MemoryError)) or any(
-            words in text for words in _SHARED_MEMORY + _OUT_OF_MEMORY):
+            words in text for words in SHARED_MEMORY_WORDS + OUT_OF_MEMORY_WORDS):
         return text.strip().splitlines()[-1]
     return None
 
 
 def is_shared_memory_full(error: BaseException) -> bool:
     """A decode process found no room (or none at all) for a batch in shared memory."""
-    return any(words in str(error) for words in _SHARED_MEMORY)
+    return any(words in str(error) for words in SHARED_MEMORY_WORDS)
 
 
 class Terminated(BaseException):

@@ -2,20 +2,26 @@
 
 A DataLoader's worker processes decode the images; each batch reaches the model process as one
 (B, H, W, 3) uint8 tensor through shared memory (a quarter of float32's bytes), which the model
-process copies out at once and normalizes on its device (``preprocessing.normalize``). As many decode
-processes start as /dev/shm holds the batches of. A file that cannot be decoded comes back as
-its error, to be skipped by name. A decode process that dies is reported as such, in one line,
+process copies out at once and normalizes on its device (``preprocessing.normalize``). As many
+decode processes start as /dev/shm holds the batches of. A file that cannot be decoded comes back
+as its error, to be skipped by name. A decode process that dies is reported as such, in one line,
 and none is left behind when the run ends.
+
+Only torch's public API is used, except for the DataLoader's own shutdown (``_loader_shutdown``);
+the texts of torch's errors that the fault layer matches are in ``faults``, and
+tests/test_torch_contract.py checks both against the installed torch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import sys
 import threading
 import time
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -23,9 +29,9 @@ import torch
 
 from . import faults
 from .handover import DecodedBatch
-from .torchrun_group import local_world_size
 from .images import ImageEntry, load_rgb
 from .preprocessing import Preprocessing, crop_image
+from .torchrun_group import local_world_size
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -143,35 +149,57 @@ def _quiet_about_cut_hand_overs(kind: type, error: BaseException, trace) -> None
     sys.__excepthook__(kind, error, trace)
 
 
-PIN_MEMORY_THREAD_EXITED = "Pin memory thread exited unexpectedly"  # the DataLoader's words
-
-
 @contextlib.contextmanager
 def batches_from(loader: torch.utils.data.DataLoader) -> Iterator[Iterator[DecodedBatch]]:
     """The loader's batches, as ``handed_over`` gives them; on the way out, also after an
     error or a signal, its decode processes are stopped (and its pin-memory thread, on CUDA,
     has ended) before the pin-memory thread's errors may print again."""
     kept: list[BaseException] = []
-    batches = None
+    batches = given = None
+    processes: list[BaseProcess] = []
     with quiet_pin_memory_thread(kept):
         try:
-            with faults.helpers_start_deaf():  # iter() starts the decode processes
+            # iter() starts the decode processes
+            with faults.helpers_start_deaf(), processes_started(processes):
                 batches = iter(loader)
-            yield handed_over(batches, kept)
+            given = handed_over(batches, kept, processes)
+            yield given
         finally:
-            close_loader(batches)
+            close_loader(batches, processes)
+            if given is not None:
+                given.close()
+            batches = given = None  # a traceback that holds this frame holds no iterator
 
 
-def handed_over(batches, pin_thread_errors: Sequence[BaseException] = ()) -> Iterator[DecodedBatch]:
+@contextlib.contextmanager
+def processes_started(found: list[BaseProcess]) -> Iterator[None]:
+    """The child processes started inside the block are added to ``found``, also where it
+    raises (so that a caller can end those started before the error).
+
+    The DataLoader starts its decode processes inside ``iter(loader)`` (``num_workers`` > 0),
+    as multiprocessing processes of this one; children started earlier (the render pool's)
+    are in the first snapshot, so only the decode processes are new in the second. The
+    Process objects themselves are kept: their ``pid``, ``is_alive()`` and ``kill()`` still
+    work once the process has died. (The DataLoader's own list of them is private.)"""
+    before = set(multiprocessing.active_children())
+    try:
+        yield
+    finally:
+        found.extend(p for p in multiprocessing.active_children() if p not in before)
+
+
+def handed_over(batches, pin_thread_errors: Sequence[BaseException] = (),
+                processes: Sequence[BaseProcess] = ()) -> Iterator[DecodedBatch]:
     """The loader's batches, each in the model process's own memory: a copy out of shared
     memory, which the render jobs' crops would otherwise hold on to (and /dev/shm is small in
     a container). On CUDA the pin-memory thread has made that copy already.
 
-    A decode process killed while it hands a batch over breaks the connection its shared
-    memory travels on, before the DataLoader notices the death: in this thread, or (CUDA) in
-    the pin-memory thread, which then exits. Either is reported as the process's death, by
-    pid, once it is seen to be gone; a break with every process alive is reported with its
-    own error (for the pin-memory thread, as kept by ``quiet_pin_memory_thread``)."""
+    A decode process (one of ``processes``) killed while it hands a batch over breaks the
+    connection its shared memory travels on, before the DataLoader notices the death: in this
+    thread, or (CUDA) in the pin-memory thread, which then exits. Either is reported as the
+    process's death, by pid, once it is seen to be gone; a break with every process alive is
+    reported with its own error (for the pin-memory thread, as kept by
+    ``quiet_pin_memory_thread``)."""
     while True:
         try:
             batch = next(batches)
@@ -179,9 +207,9 @@ def handed_over(batches, pin_thread_errors: Sequence[BaseException] = ()) -> Ite
             return
         except (ConnectionError, EOFError, RuntimeError) as error:
             pin_thread = isinstance(error, RuntimeError)
-            if pin_thread and PIN_MEMORY_THREAD_EXITED not in str(error):
+            if pin_thread and faults.PIN_MEMORY_THREAD_EXITED not in str(error):
                 raise
-            dead = dead_decode_processes(batches)
+            dead = dead_decode_processes(processes)
             if dead:
                 raise faults.DecodeProcessDied(
                     f"process(es) {', '.join(map(str, dead))} exited while handing a batch "
@@ -199,11 +227,12 @@ def quiet_pin_memory_thread(kept: list[BaseException]) -> Iterator[None]:
     """While batches are handed over and until the loader is closed, the DataLoader's
     pin-memory thread (CUDA) dying (of a broken hand-over, say) prints no traceback of its
     own: its error goes to ``kept``, and the model process reports the stop in one line
-    (``handed_over``). Other threads' errors print as before."""
+    (``handed_over``). Other threads' errors print as before. The thread is known by its name
+    (``faults.PIN_MEMORY_THREAD_NAME``), the only public trace of it."""
     previous = threading.excepthook
 
     def hook(args: threading.ExceptHookArgs) -> None:
-        if args.thread is not None and "_pin_memory_loop" in args.thread.name:
+        if args.thread is not None and faults.PIN_MEMORY_THREAD_NAME in args.thread.name:
             kept.append(args.exc_value)
             return
         previous(args)
@@ -215,31 +244,69 @@ def quiet_pin_memory_thread(kept: list[BaseException]) -> Iterator[None]:
         threading.excepthook = previous
 
 
-def dead_decode_processes(batches, wait: float = 2.0) -> list[int]:
-    """The pids of the loader's decode processes that have exited (waiting up to ``wait``
-    seconds for one that is still being torn down)."""
+def dead_decode_processes(processes: Sequence[BaseProcess], wait: float = 2.0) -> list[int]:
+    """The pids of ``processes`` that have exited (waiting up to ``wait`` seconds for one that
+    is still being torn down)."""
     deadline = time.monotonic() + wait
     while True:
-        dead = [w.pid for w in getattr(batches, "_workers", []) if not w.is_alive()]
+        dead = [process.pid for process in processes if not process.is_alive()]
         if dead or time.monotonic() > deadline:
             return dead
         time.sleep(0.05)
 
 
-def close_loader(batches) -> None:
-    """Stop the decode processes now (the DataLoader's own shutdown), killing any that hang."""
-    if batches is None or not hasattr(batches, "_shutdown_workers"):
+def close_loader(batches, processes: Sequence[BaseProcess]) -> None:
+    """Stop the decode processes now (the DataLoader's own shutdown, ``_loader_shutdown``),
+    killing any that hang. ``batches`` is None where ``iter(loader)`` did not return; the
+    processes it had started are killed."""
+    _loader_shutdown(batches, processes)
+    _kill(processes)
+
+
+def _loader_shutdown(batches, processes: Sequence[BaseProcess]) -> None:
+    """The DataLoader's own orderly shutdown of the iterator ``batches``: the one place where
+    this program uses a private name of torch's, ``_shutdown_workers``.
+
+    torch has no public way to end an iterator's decode processes at a chosen moment: its
+    ``__del__`` calls this same method, but only once the last reference to the iterator has
+    gone, and a stop's traceback may hold one for the rest of the run. The method ends the
+    pin-memory thread first (so that it reads no half-sent batch, and its errors are kept
+    quiet, as ``batches_from`` promises), tells each process to stop and joins it, and takes
+    their pids off the list that torch's SIGCHLD handler checks (after which an exit is no
+    longer reported as a death).
+
+    Where the method is missing (a single-process iterator, or a torch that renamed it, for
+    which tests/test_torch_contract.py fails, naming this function), ``processes`` (those
+    ``iter(loader)`` started, see ``processes_started``) are killed instead, and the caller
+    drops its references to the iterator; the pin-memory thread (CUDA), which only a private
+    event stops, is then left to the iterator's own clean-up, or to the end of the process (it
+    is a daemon thread). A death reported by torch's SIGCHLD handler while this runs is one of
+    those being ended here: the run has already stopped for it, or has received every batch."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:
+        _kill(processes)
         return
-    workers = list(getattr(batches, "_workers", []))
     try:
-        batches._shutdown_workers()
+        shutdown()
     except RuntimeError as error:
-        # A worker that died (or was killed) reports it through the DataLoader's SIGCHLD
-        # handler, which may fire during this shutdown too: the run has already stopped for
-        # it, or has received every batch, so here it only means "kill the rest".
         if not faults.is_helper_death(error):
             raise
-    for worker in workers:
-        if worker.is_alive():
-            worker.kill()
-            worker.join(1.0)
+
+
+def _kill(processes: Sequence[BaseProcess], wait: float = 1.0) -> None:
+    """Kill those of ``processes`` still running and wait up to ``wait`` seconds for them to
+    go. SIGKILL, not SIGTERM: a decode process ignores SIGTERM (``_decode_worker_init``), and
+    holds nothing that a kill loses (a batch's shared memory goes with its last file
+    descriptor). Where torch's SIGCHLD handler still lists their pids, it reports each exit as
+    a RuntimeError in this thread, which is only the death asked for here, and is dropped."""
+    deadline = time.monotonic() + wait
+    for process in processes:
+        for _ in range(len(processes) + 1):  # one report per exit at most
+            try:
+                if process.is_alive():
+                    process.kill()
+                    process.join(max(0.0, deadline - time.monotonic()))
+                break
+            except RuntimeError as error:
+                if not faults.is_helper_death(error):
+                    raise

@@ -995,8 +995,6 @@ class _BrokenHandOver:
     """A DataLoader iterator whose pin-memory thread (CUDA) exited because a decode process,
     now dead, was killed while handing a batch over."""
 
-    _workers = [_ExitedProcess()]
-
     def __next__(self):
         raise RuntimeError("Pin memory thread exited unexpectedly")
 
@@ -1008,10 +1006,10 @@ def test_a_hand_over_broken_in_the_pin_memory_thread_names_the_dead_process() ->
     from gradcam_cli import faults
     from gradcam_cli.image_loader import handed_over
     with pytest.raises(faults.DecodeProcessDied, match="4242"):
-        next(handed_over(_BrokenHandOver()))
+        next(handed_over(_BrokenHandOver(), processes=[_ExitedProcess()]))
 
     class AllAlive(_BrokenHandOver):
-        _workers = []
+        pass
 
     too_many = OSError(24, "Too many open files")
     with pytest.raises(faults.RunFault, match="pin-memory thread failed.*Too many open files"):
