@@ -33,7 +33,7 @@ from .cam_methods import METHODS
 from .heads import SOFTMAX, Head, class_scores
 from .layer_layouts import CHANNELS_FIRST, Layout, LayoutTracer, channels_first_by_type
 
-__all__ = ["grad_cam", "explain", "top_and_lowest", "ConvLayer", "conv_layers_in_run_order",
+__all__ = ["grad_cam", "explain", "explain_methods", "top_and_lowest", "ConvLayer", "conv_layers_in_run_order",
            "layers_in_run_order",
            "normalize_maps", "upsample_and_normalize", "eval_mode"]
 
@@ -162,15 +162,34 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
     """Like ``grad_cam``, for any method of ``cam_methods.METHODS``.
 
     ``counterfactual=True`` negates the gradients (Selvaraju et al., section 5): the map shows
-    the regions whose removal would make the network more confident in the class. Score-CAM
-    has no gradients to negate and refuses it. ``batch_size`` and ``progress(done, total)``
-    serve Score-CAM's extra forward passes.
+    the regions whose removal would make the network more confident in the class. Methods
+    without gradients refuse it. ``batch_size`` and ``progress(done, total)`` serve the extra
+    forward passes of Score-CAM and its kind.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    chosen = METHODS[method]
-    if counterfactual and not chosen.uses_gradients:
-        raise ValueError(f"{method} uses no gradients, so it has no counterfactual form")
+    scores, maps = explain_methods(model, images, layers, classes, [method], counterfactual,
+                                   raw, batch_size, progress, head)
+    return scores, maps[method]
+
+
+def explain_methods(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
+                    classes: ClassChoice, methods: Sequence[str],
+                    counterfactual: bool = False, raw: bool = False, batch_size: int = 64,
+                    progress=None, head: Head = SOFTMAX):
+    """Several methods' maps from one forward pass and one backward pass.
+
+    The gradient methods differ only in how they weight the same activations and gradients,
+    so they share both passes; methods that need forward passes of their own (Score-CAM)
+    run them after. Returns ``(scores, {method: maps})``, each method's maps as ``explain``
+    returns them: exactly what a call for that method alone gives.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown method {unknown[0] if unknown else None!r}; choose from "
+                         f"{', '.join(METHODS)}")
+    chosen = {name: METHODS[name] for name in dict.fromkeys(methods)}
+    without = [name for name, m in chosen.items() if not m.uses_gradients]
+    if counterfactual and without:
+        raise ValueError(f"{without[0]} uses no gradients, so it has no counterfactual form")
     if images.dim() != 4:
         raise ValueError(f"images must have shape (B, C, H, W), got {tuple(images.shape)}")
     if len(layers) == 0:
@@ -178,6 +197,7 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
     if isinstance(classes, torch.Tensor):
         check_classes(classes, images.shape[0])
     recorder = _ActivationRecorder(len(layers))
+    raw_maps: dict[str, list[torch.Tensor]] = {}
     with eval_mode(model), torch.inference_mode(False):
         # The tracer's hooks come after the recorder's, so they see what flows downstream.
         known = _known_layouts(model, images, layers)
@@ -193,23 +213,27 @@ def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
             layouts = known or _target_layouts(layers, activations, tracer)
             if tracer is not None:
                 _remember_layouts(model, images, layers, layouts)
-            if chosen.uses_gradients:
+            grids = [layout.to_grid(a.detach()) for layout, a in zip(layouts, activations)]
+            with_gradients = {name: m for name, m in chosen.items() if m.uses_gradients}
+            if with_gradients:
                 sign = -1.0 if counterfactual else 1.0
                 per_class = _gradients_per_class(scores, activations, classes)
-                raw_maps = [torch.stack([chosen.from_gradients(
-                    layouts[layer].to_grid(activations[layer].detach()),
-                    sign * layouts[layer].to_grid(grads[layer]))
-                    for grads in per_class], dim=1).float() for layer in range(len(layers))]
-        if not chosen.uses_gradients:  # after the hooks are gone: plain inference passes
+                for layer, layout in enumerate(layouts):
+                    gradients = [sign * layout.to_grid(grads[layer]) for grads in per_class]
+                    for name, m in with_gradients.items():
+                        raw_maps.setdefault(name, []).append(torch.stack(
+                            [m.from_gradients(grids[layer], g) for g in gradients],
+                            dim=1).float())
+        for name in without:  # after the hooks are gone: plain inference passes
             with torch.no_grad():
-                raw_maps = [chosen.from_scores(model, images, layout.to_grid(activation.detach()),
-                                               classes, batch_size=batch_size,
-                                               progress=progress, head=head).float()
-                            for activation, layout in zip(activations, layouts)]
+                raw_maps[name] = [chosen[name].from_scores(
+                    model, images, grid, classes, batch_size=batch_size, progress=progress,
+                    head=head).float() for grid in grids]
     scores = scores.detach()
     if raw:
-        return scores, raw_maps
-    return scores, upsample_and_normalize(raw_maps, images.shape[-2:])
+        return scores, {name: raw_maps[name] for name in chosen}
+    return scores, {name: upsample_and_normalize(raw_maps[name], images.shape[-2:])
+                    for name in chosen}
 
 
 @contextlib.contextmanager

@@ -182,3 +182,30 @@ def test_every_method_is_registered_with_a_cited_docstring() -> None:
         function = method.from_gradients or method.from_scores
         assert function.__doc__ and any(year in function.__doc__
                                         for year in ("2017", "2018", "2020", "2021"))
+
+
+def test_many_methods_in_one_pass_equal_each_methods_own_run() -> None:
+    """explain_methods shares the forward and backward passes between the gradient methods;
+    each method's maps (raw and normalized, counterfactual too) equal its own call's."""
+    from torchvision.models import resnet18
+
+    from gradcam_cli.gradcam import explain_methods
+    model = resnet18(num_classes=10).eval()
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    layers = [model.layer4, model.layer3[1].conv2]
+    classes = torch.tensor([[1, 2], [3, 4], [5, 0]])
+    methods = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam"]
+    for counterfactual in (False, True):
+        chosen = [m for m in methods if METHODS[m].uses_gradients or not counterfactual]
+        for raw in (False, True):
+            scores, together = explain_methods(model, images, layers, classes, chosen,
+                                               counterfactual=counterfactual, raw=raw,
+                                               batch_size=32)
+            assert list(together) == chosen
+            for method in chosen:
+                alone_scores, alone = explain(model, images, layers, classes, method=method,
+                                              counterfactual=counterfactual, raw=raw,
+                                              batch_size=32)
+                torch.testing.assert_close(scores, alone_scores, rtol=0, atol=0)
+                for got, want in zip(together[method], alone):
+                    torch.testing.assert_close(got, want, rtol=0, atol=0)
