@@ -25,6 +25,7 @@ from .launch import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam")
+GRADIENT_FREE = ("scorecam",)  # methods with no gradients, so no counterfactual form
 MAX_HELPER_PROCESSES = 64  # per flag: more only crowd the cores (and may be a typo)
 
 
@@ -168,8 +169,11 @@ def get_args_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                              "(key layer{b}), classes and probs")
     parser.add_argument("--skip_existing", action="store_true",
                         help="skip images whose outputs all exist (resume an interrupted run)")
-    parser.add_argument("--method", choices=METHOD_NAMES, default="gradcam",
-                        help="how maps are made: " + ", ".join(METHOD_NAMES))
+    parser.add_argument("--method", choices=METHOD_NAMES, nargs="+", default=["gradcam"],
+                        metavar="NAME",
+                        help="how maps are made, one or several (a figure each; the gradient "
+                             "methods share one forward and backward pass): "
+                             + ", ".join(METHOD_NAMES))
     parser.add_argument("--guided", action="store_true",
                         help="add a second row of Guided Grad-CAM maps (guided backpropagation "
                              "times the map)")
@@ -227,9 +231,10 @@ def parse_args(argv: list[str] | None, prog: str = "main.py") -> argparse.Namesp
         raise UsageError("give either --imageNet_labels or --labels_path, not both")
     if args.layer and args.conv2d_backcount:
         raise UsageError("give either --layer or --conv2d_backcount, not both")
-    if args.counterfactual and args.method == "scorecam":
-        raise UsageError("--counterfactual needs gradients; scorecam has none (pick another "
-                         "--method)")
+    without = [m for m in args.method if m in GRADIENT_FREE]
+    if args.counterfactual and without:
+        raise UsageError(f"--counterfactual needs gradients; {without[0]} has none (leave it "
+                         f"out of --method)")
     if args.resize and args.crop and args.resize < args.crop:
         raise UsageError(f"--resize {args.resize} is smaller than --crop {args.crop}: the "
                          f"shorter side is resized first, then the centre crop is cut; give "

@@ -19,11 +19,11 @@ from torch import nn
 
 from . import outputs
 from .cam_methods import METHODS
-from .gradcam import explain, top_and_lowest, upsample_and_normalize
+from .gradcam import explain_methods, top_and_lowest, upsample_and_normalize
 from . import faults
 from .faults import RunFault
 from .settings import ExplainOptions
-from .targets import Target
+from .targets import Target, View, views_of
 from .figures import format_probability, guided_to_rgb
 from .handover import FigureJob, ImageJob
 from .heads import HEADS
@@ -171,6 +171,7 @@ class Explainer:
                  score_progress=None) -> None:
         self.model = model
         self.targets = targets
+        self.views = views_of(targets, options.methods)
         self.labels = labels
         self.options = options
         self.plan = ClassPlan(options)
@@ -182,8 +183,8 @@ class Explainer:
         self.batch_size = settings.batch_size
         self.score_batch_size = options.score_batch_size
         self._told_batch_size = self.batch_size
-        if options.method == "scorecam" and any(isinstance(t.module, nn.Conv2d)
-                                                for t in targets):
+        if "scorecam" in options.methods and any(isinstance(t.module, nn.Conv2d)
+                                                 for t in targets):
             print("warning: Score-CAM weights channels by class probabilities, all positive, "
                   "so on a conv's signed output its maps are often zero; a layer after the "
                   "activation suits it better (e.g. --layer with a ReLU's name from "
@@ -256,11 +257,13 @@ class Explainer:
     def _compute(self, entries: list[ImageEntry], inputs: torch.Tensor) -> _Computed:
         options = self.options
         truth = torch.tensor([self.class_of_folder(e.folder_label) for e in entries])
-        scores, raw_maps = explain(
+        scores, by_method = explain_methods(
             self.model, inputs, [t.module for t in self.targets],
-            lambda s: self.plan.choose(s, truth), method=options.method,
+            lambda s: self.plan.choose(s, truth), options.methods,
             counterfactual=options.counterfactual, raw=True,
             batch_size=self.score_batch_size, progress=self.score_progress, head=self.head)
+        layer_of = {id(t): i for i, t in enumerate(self.targets)}
+        raw_maps = [by_method[v.method][layer_of[id(v.target)]] for v in self.views]
         classes = self.plan.choose(scores, truth)
         maps = upsample_and_normalize(raw_maps, inputs.shape[-2:], shared=options.shared_scale)
         probabilities = self.head.probabilities(scores).gather(1, classes)
@@ -298,9 +301,9 @@ class Explainer:
                                           scores.average_drop, scores.increase], dim=-1))
         return torch.stack(per_layer).float().cpu().numpy()
 
-    def heading(self, target: Target) -> str:
+    def heading(self, view: View) -> str:
         kind = "Counterfactual " if self.options.counterfactual else ""
-        return f"{kind}{METHODS[self.options.method].name} at {target.describe()}"
+        return f"{kind}{METHODS[view.method].name} at {view.target.describe()}"
 
     def _jobs(self, entries: list[ImageEntry], shown: list[np.ndarray],
               computed: _Computed) -> list[tuple[ImageJob, list[str]]]:
@@ -310,7 +313,7 @@ class Explainer:
              b: int) -> tuple[ImageJob, list[str]]:
         """One image's files to write, and its summary row (logged once they are written)."""
         settings = self.settings
-        tags = [t.tag for t in self.targets]
+        tags = [v.tag for v in self.views]
         paths = outputs_of(entry, settings.save_dir, tags, settings.n_selected,
                            settings.save_raw)
         classes, probabilities = computed.classes[b], computed.probabilities[b]
@@ -319,13 +322,13 @@ class Explainer:
         keep = [k for k, panel in enumerate(shown_panels) if panel]
         layout = (len(keep),) + self.layout[1:]
         figures = []
-        for layer, target in enumerate(self.targets):
+        for layer, view in enumerate(self.views):
             titles = self.plan.titles(self.labels, classes.tolist(), probabilities.tolist(),
                                       bool(computed.truth[b] >= 0), peaks[layer].tolist()
                                       if self.options.shared_scale else None)
             figures.append(FigureJob(
                 paths[layer], computed.maps[layer, b][keep], [titles[k] for k in keep],
-                self.heading(target),
+                self.heading(view),
                 None if computed.guided is None else computed.guided[layer, b][keep]))
         job = ImageJob(entry.index, entry.relative, shown, layout, figures)
         if computed.raw is not None:

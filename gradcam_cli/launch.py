@@ -141,10 +141,13 @@ def run_signature(args: argparse.Namespace, targets: list, options, n_images: in
     and --std change every map); --skip_existing keeps outputs only when it matches the one
     recorded in --save_dir."""
     from dataclasses import asdict
+
+    from .targets import views_of
     return {"model": [args.model_path, args.arch], "images": str(args.images_path),
             "preprocessing": asdict(preprocessing),
-            "layer_named_files": len(targets) > 1 and n_images == 1,
-            "targets": [[t.tag, t.name] for t in targets],
+            "layer_named_files": len(targets) * len(options.methods) > 1 and n_images == 1,
+            "targets": [[v.tag, v.caption(len(options.methods)), v.method]
+                        for v in views_of(targets, options.methods)],
             "labels": [args.labels_path, args.imageNet_labels], "save_raw": args.save_raw,
             "options": {k: v for k, v in asdict(options).items() if k != "score_batch_size"}}
 
@@ -185,7 +188,7 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
     from .batch_run import BatchRun
     from .settings import ExplainOptions, RunPlan, RunSettings
     from .summary import finish
-    from .targets import pick_targets, print_layers
+    from .targets import pick_targets, print_layers, views_of
     from .gradcam import layers_in_run_order
     from .heads import OutputError
     from .models import load_model
@@ -219,13 +222,15 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
     batch_size = args.batch_size or (GPU_BATCH_SIZE if device.type == "cuda" else
                                      CPU_BATCH_SIZE)
     options = ExplainOptions(
-        method=args.method, counterfactual=args.counterfactual, guided=args.guided,
+        methods=tuple(dict.fromkeys(args.method)), counterfactual=args.counterfactual,
+        guided=args.guided,
         classes=resolve_classes(args.classes, labels), true_class=args.true_class,
         shared_scale=args.scale == "shared", metrics=args.metrics,
         score_batch_size=batch_size, n_classes=len(labels), head=head,
         threshold=args.threshold, max_panels=args.max_panels)
     settings = RunSettings(
-        save_dir=make_save_dir(args.save_dir, args.save_raw), tags=[t.tag for t in targets],
+        save_dir=make_save_dir(args.save_dir, args.save_raw),
+        tags=[v.tag for v in views_of(targets, options.methods)],
         n_selected=len(entries), batch_size=batch_size,
         workers=workers, show=args.show, quiet=args.quiet, save_raw=args.save_raw,
         skip_existing=args.skip_existing, report=not args.no_report,

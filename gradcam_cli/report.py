@@ -59,6 +59,7 @@ class ReportInfo:
     stopped: str = ""
     head: str = "softmax"
     threshold: float = 0.5
+    methods: list[str] = field(default_factory=list)  # each figure's method, as ``layers``
 
 
 def run_info(signature: dict, labels: list[str], n_images: int,
@@ -71,7 +72,8 @@ def run_info(signature: dict, labels: list[str], n_images: int,
         model += f" (--arch {arch})"
     options = signature.get("options", {})
     method = ("counterfactual " if options.get("counterfactual") else "") + \
-        str(options.get("method", "gradcam")) + (" + guided" if options.get("guided") else "")
+        ", ".join(options.get("methods") or [options.get("method", "gradcam")]) + \
+        (" + guided" if options.get("guided") else "")
     labels_path, imagenet = signature.get("labels", [None, False])
     shown = {"images from": str(signature.get("images", "")),
              "labels": labels_path or ("ImageNet (bundled)" if imagenet else "default names"),
@@ -80,7 +82,8 @@ def run_info(signature: dict, labels: list[str], n_images: int,
              "scale": "shared" if options.get("shared_scale") else "per-map"}
     if options.get("true_class"):
         shown["true class panel"] = "yes"
-    return ReportInfo(model=model, layers=[tuple(t) for t in signature.get("targets", [])],
+    return ReportInfo(model=model, layers=[tuple(t[:2]) for t in signature.get("targets", [])],
+                      methods=[t[2] if len(t) > 2 else "" for t in signature.get("targets", [])],
                       method=method, n_images=n_images, labels=labels, skipped=list(skipped),
                       accuracy=accuracy, metrics=bool(options.get("metrics")),
                       head=str(options.get("head", "softmax")),

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 class ExplainOptions:
     """How to explain: the method and its variants, the classes, the scale, the metrics."""
 
-    method: str = "gradcam"
+    methods: tuple[str, ...] = ("gradcam",)
     counterfactual: bool = False
     guided: bool = False
     classes: Optional[tuple[int, ...]] = None

@@ -179,7 +179,8 @@ def print_metric_means(means: dict[str, dict[str, float]], plan: RunPlan, n_imag
     (the predicted class's maps by default, as the papers report them)."""
     options = plan.options
     kind = "counterfactual " if options.counterfactual else ""
-    print(f"faithfulness of {kind}{options.method} over {n_images} image(s), maps of "
+    print(f"faithfulness of {kind}{', '.join(options.methods)} over {n_images} image(s), "
+          f"maps of "
           f"{', '.join(ranks)} (deletion AUC: lower is better; insertion AUC: higher is "
           f"better):")
     for tag, values in means.items():

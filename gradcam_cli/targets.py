@@ -32,6 +32,27 @@ class Target:
         return f"{self.name} ({where})"
 
 
+@dataclass(frozen=True)
+class View:
+    """One figure of each image: a target layer explained by one method. Its tag names its
+    files, npz keys and summary.csv columns: the layer's own tag in a one-method run (as
+    before methods could be combined), ``{layer tag}_{method}`` with several methods."""
+
+    target: Target
+    method: str
+    tag: str
+
+    def caption(self, n_methods: int) -> str:
+        """The module's name, and the method's when a run has several."""
+        return self.target.name if n_methods == 1 else f"{self.target.name}, {self.method}"
+
+
+def views_of(targets: list[Target], methods: tuple[str, ...]) -> list[View]:
+    """Every (layer, method) figure, layer by layer, each layer's methods in the order given."""
+    return [View(t, m, t.tag if len(methods) == 1 else f"{t.tag}_{m}")
+            for t in targets for m in methods]
+
+
 def pick_targets(layers: list, backcounts: list[int], names: list[str] | None,
                  backcount_given: bool = True) -> list:
     """The target layers: by --layer name, else by backcount (1 = the last Conv2d to run).

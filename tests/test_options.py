@@ -227,3 +227,36 @@ def test_method_flag_lists_exactly_the_registry() -> None:
     """main.py names the methods itself (no torch import before --help); they must match."""
     from gradcam_cli.cam_methods import METHODS
     assert tuple(METHODS) == cli.METHOD_NAMES
+
+
+def test_several_methods_write_a_figure_each_equal_to_their_own_runs(tmp_path: Path,
+                                                                      capsys) -> None:
+    """--method gradcam gradcam++ layercam: one figure per method, byte for byte the figure
+    of that method's own run; summary.csv and the raw maps carry the method in their tags;
+    the report lists each figure's method."""
+    import json
+
+    import numpy as np
+    methods = ["gradcam", "gradcam++", "layercam"]
+    code, _, err = run(capsys, "--images_path", CAT, "--method", *methods, "--save_raw",
+                       "--save_dir", tmp_path / "all")
+    assert code == 0, err
+    with open(tmp_path / "all" / "summary.csv", newline="", encoding="utf-8") as file:
+        (together,) = list(csv.DictReader(file))
+    assert together["figures"] == ";".join(f"layer1_{m}.jpg" for m in methods)
+    raw = np.load(tmp_path / "all" / "raw" / "image0.npz")
+    for method in methods:
+        code, _, err = run(capsys, "--images_path", CAT, "--method", method, "--save_raw",
+                           "--save_dir", tmp_path / method)
+        assert code == 0, err
+        assert (tmp_path / method / "image0.jpg").read_bytes() == \
+            (tmp_path / "all" / f"layer1_{method}.jpg").read_bytes()
+        with open(tmp_path / method / "summary.csv", newline="", encoding="utf-8") as file:
+            (alone,) = list(csv.DictReader(file))
+        assert together[f"top1_peak_layer1_{method}"] == alone["top1_peak_layer1"]
+        alone_raw = np.load(tmp_path / method / "raw" / "image0.npz")
+        np.testing.assert_array_equal(raw[f"layer1_{method}"], alone_raw["layer1"])
+    page = (tmp_path / "all" / "report.html").read_text(encoding="utf-8")
+    data = json.loads(page.split('id="report-data">')[1].split("</script>")[0])
+    assert data["info"]["methods"] == methods
+    assert data["info"]["method"] == ", ".join(methods)

@@ -361,6 +361,27 @@ def test_two_layer_run_shows_each_layers_figure(two_layer_run, open_report):
     assert page.evaluate("document.querySelector('#viewer-img').src").endswith("/image1_layer1.jpg")
 
 
+def test_a_several_method_run_switches_between_methods(tmp_path, open_report):
+    """Every method's figure side by side, or one method's at a time; the choice is kept in
+    the address, as the other controls are."""
+    assert run_tool(tmp_path, "--n_images", "2", "--method", "gradcam", "layercam") == 0
+    opened = open_report(tmp_path)
+    page = opened.page
+    links = "els => els.map(e => e.getAttribute('href'))"
+    assert page.eval_on_selector_all("#entries [data-index='0'] a.thumb", links) == [
+        "image0_layer1_gradcam.jpg", "image0_layer1_layercam.jpg"]
+    assert opened.texts("#entries [data-index='0'] figcaption") == [
+        "layer1_gradcam (_conv_head, gradcam)", "layer1_layercam (_conv_head, layercam)"]
+    page.select_option("#method", "layercam")
+    assert page.eval_on_selector_all("#entries a.thumb", links) == [
+        "image0_layer1_layercam.jpg", "image1_layer1_layercam.jpg"]
+    assert "method=layercam" in page.evaluate("location.hash")
+    page.click('#entries [data-index="1"] a.thumb')
+    assert page.evaluate("document.querySelector('#viewer-img').src").endswith(
+        "/image1_layer1_layercam.jpg")
+    assert not opened.errors
+
+
 def test_classes_run_has_panels_but_no_right_or_wrong(tmp_path, open_report):
     assert run_tool(tmp_path, "--n_images", "2", "--classes", "281", "tripod") == 0
     opened = open_report(tmp_path)

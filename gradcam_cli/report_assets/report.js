@@ -18,7 +18,11 @@
   // The fields of rowAt(p), the p-th image in index order (the columns: report.page_data).
   const INDEX = 0, PATH = 1, FOLDER = 2, LABELS = 3, PROBS = 4, FIGURES = 5, RIGHT = 6,
     RIGHT_K = 7, METRICS = 8;
-  const DEFAULTS = { filter: "all", class: "", by: "any", q: "", sort: "index", page: "1" };
+  const DEFAULTS = { filter: "all", class: "", by: "any", q: "", sort: "index", page: "1",
+    method: "all" };
+  // The method of each figure (INFO.layers' order); a run with several shows a switch.
+  const FIGURE_METHODS = INFO.methods || [];
+  const METHODS = Array.from(new Set(FIGURE_METHODS.filter(Boolean)));
   const FILTERS = ["all", "correct", "wrong"];
   const BYS = { any: "true or predicted", true: "true (folder)", predicted: "predicted (top-1)" };
   const JUDGED = DATA.right.some((right) => right !== -1);
@@ -108,6 +112,7 @@
     if (!FILTERS.includes(read.filter)) read.filter = DEFAULTS.filter;
     if (!Object.prototype.hasOwnProperty.call(BYS, read.by)) read.by = DEFAULTS.by;
     if (!Object.prototype.hasOwnProperty.call(SORTS, read.sort)) read.sort = DEFAULTS.sort;
+    if (!METHODS.includes(read.method)) read.method = DEFAULTS.method;
     const page = parseInt(read.page, 10);
     read.page = String(Number.isFinite(page) && page > 0 ? page : 1);
     return read;
@@ -384,6 +389,20 @@
     sortLabel.appendChild(nodes.sort);
     bar.appendChild(sortLabel);
 
+    if (METHODS.length > 1) {  // show every method's figures side by side, or one method's
+      const methodLabel = el("label", "group", "method ");
+      nodes.method = el("select");
+      nodes.method.id = "method";
+      for (const name of ["all"].concat(METHODS)) {
+        const option = el("option", null, name === "all" ? "all, side by side" : name);
+        option.value = name;
+        nodes.method.appendChild(option);
+      }
+      nodes.method.addEventListener("change", () => update({ method: nodes.method.value }, true));
+      methodLabel.appendChild(nodes.method);
+      bar.appendChild(methodLabel);
+    }
+
     const reset = el("button", null, "reset");
     reset.type = "button";
     reset.id = "reset";
@@ -425,6 +444,7 @@
     if (row[RIGHT] === 1) entry.classList.add("right");
     const figures = el("div", "figures");
     row[FIGURES].forEach((name, layer) => {
+      if (state.method !== "all" && FIGURE_METHODS[layer] !== state.method) return;
       const figure = el("figure");
       const link = el("a", "thumb");
       link.href = figureUrl(name);
@@ -617,6 +637,7 @@
     if (nodes.q.value !== state.q) nodes.q.value = state.q;
     nodes.by.value = nodes.by.querySelector('option[value="' + state.by + '"]') ? state.by : "any";
     nodes.sort.value = state.sort;
+    if (nodes.method) nodes.method.value = state.method;
   }
 
   function renderList() {
