@@ -11,6 +11,8 @@ user of that model. Parts:
   b. the same 4 maps vs pytorch-grad-cam (one GradCAM call per class) and vs Captum's
      LayerGradCam (one call per class, upsampled and normalized as ours are)
   c. 4 classes x 3 layers (backcounts 1, 3, 4) vs a plain inference forward
+  m. the five gradient methods (gradcam, gradcam++, xgradcam, layercam, hirescam) in one
+     explain_methods call vs gradcam alone, 4 maps at the last conv layer (target <= 1.2x)
   d. end to end: main.py --n_images all with figures vs the usual way (pytorch-grad-cam once
      per class, a new matplotlib subplots figure per image)
   e. peak memory of all of main.py's processes together (main and children, proportional set
@@ -50,7 +52,12 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 
 from gradcam_cli import cli  # noqa: E402
-from gradcam_cli.gradcam import conv_layers_in_run_order, grad_cam, top_and_lowest  # noqa: E402
+from gradcam_cli.gradcam import (  # noqa: E402
+    conv_layers_in_run_order,
+    explain_methods,
+    grad_cam,
+    top_and_lowest,
+)
 from gradcam_cli.models import BUILTIN_MODEL, load_model  # noqa: E402
 from gradcam_cli.images import list_images, load_rgb  # noqa: E402
 from gradcam_cli.preprocessing import IMAGENET_PREPROCESSING, prepare_image  # noqa: E402
@@ -77,9 +84,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--throughput_repeats", type=int, default=1)
     parser.add_argument("--baseline", type=Path, default=None,
                         help="another checkout of the tool, timed beside this one (e, f, s)")
-    parser.add_argument("--parts", default="abcdefgs")
+    parser.add_argument("--parts", default="abcmdefgs")
     return parser
 
+
+GRADIENT_METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -171,6 +180,9 @@ def engine_parts(name: str, args, device: torch.device) -> list[str]:
     functions = {"plain": plain,
                  "ours": lambda: grad_cam(model, images, last, top_and_lowest),
                  "ours_3_layers": lambda: grad_cam(model, images, three, top_and_lowest)}
+    if "m" in args.parts:
+        functions["ours_5_methods"] = lambda: explain_methods(
+            model, images, last, top_and_lowest, GRADIENT_METHODS)
     if "b" in args.parts:
         from captum.attr import LayerGradCam
         from pytorch_grad_cam import GradCAM
@@ -194,6 +206,10 @@ def engine_parts(name: str, args, device: torch.device) -> list[str]:
         rows.append(f"| b | {name} | Captum LayerGradCam / ours, 4 maps | "
                     f"{per_image['captum']:.1f} / {per_image['ours']:.1f} ms/img | "
                     f"**{t['captum'] / t['ours']:.1f}x faster** | faster |")
+    if "m" in args.parts:
+        rows.append(f"| m | {name} | 5 gradient methods / gradcam alone, 4 maps | "
+                    f"{per_image['ours_5_methods']:.1f} / {per_image['ours']:.1f} ms/img | "
+                    f"**{t['ours_5_methods'] / t['ours']:.2f}x** | <= 1.2x |")
     if "c" in args.parts:
         rows.append(f"| c | {name} | ours 4 maps x 3 layers / plain forward | "
                     f"{per_image['ours_3_layers']:.1f} / {per_image['plain']:.1f} ms/img | "
@@ -500,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            if set("abc") & set(args.parts):
+            if set("abcm") & set(args.parts):
                 added = engine_parts(name, args, device)
                 rows += added
                 print("\n".join(added), flush=True)
