@@ -191,12 +191,17 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
     from .targets import pick_targets, print_layers, views_of
     from .gradcam import layers_in_run_order
     from .heads import OutputError
-    from .models import load_model
+    from .models import SizeError, load_model
     from .torchrun_group import Distributed
 
     dist = Distributed()
     device = pick_device(args.device, dist.local_rank)
-    loaded = load_model(args.model_path, args.arch, args.trust_model, args.ema)
+    try:
+        loaded = load_model(args.model_path, args.arch, args.trust_model, args.ema)
+    except SizeError as error:  # a processor's size this tool cannot copy: the flags give it
+        if error.loaded is None or not (args.resize and args.crop):
+            raise
+        loaded = error.loaded
     preprocessing = preprocessing_from_flags(loaded.preprocessing, args)
     model = loaded.model.eval().to(device)
     try:  # an input too big for memory (--crop 100000) fails here too, in one line
@@ -223,7 +228,7 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
                                      CPU_BATCH_SIZE)
     options = ExplainOptions(
         methods=tuple(dict.fromkeys(args.method)), counterfactual=args.counterfactual,
-        guided=args.guided,
+        guided=args.guided, smooth=args.smooth,
         classes=resolve_classes(args.classes, labels), true_class=args.true_class,
         shared_scale=args.scale == "shared", metrics=args.metrics,
         score_batch_size=batch_size, n_classes=len(labels), head=head,

@@ -661,6 +661,9 @@ def test_a_size_it_cannot_reproduce_keeps_the_rest_for_resize_and_crop(
     assert (partial.interpolation, partial.mean, partial.std, partial.crop_offset) == (
         "bicubic", IMAGENET_MEAN, IMAGENET_STD, "floor")
     assert isinstance(caught.value.loaded.model, transformers.SwinForImageClassification)
+    code, out, err = run_cli(capsys, "--model_path", folder, "--resize", "224", "--crop", "224",
+                             "--list_layers")
+    assert code == 0 and "swin.layernorm" in out, err
 
 
 def test_legacy_torchvision_nearest_is_refused() -> None:

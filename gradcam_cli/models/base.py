@@ -28,3 +28,14 @@ class LoadedModel:
     preprocessing: Preprocessing
     labels: Optional[list[str]] = None
     multi_label: bool = False
+
+
+class SizeError(ModelError):
+    """A processor whose resize or crop this tool cannot reproduce (a non-square size, no
+    resize, padding...), though the rest of it (filter, normalization, channel order) reads
+    exactly: ``partial`` is that reading, with the resize and crop left to --resize and
+    --crop, and ``loaded`` (set by ``load_folder``) the model with it. A caller given both
+    flags can go on with ``loaded``; without them the message stands."""
+
+    partial: Preprocessing | None = None
+    loaded: LoadedModel | None = None

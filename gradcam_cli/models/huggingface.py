@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..preprocessing import IMAGENET_PREPROCESSING, Preprocessing
-from .base import LoadedModel, ModelError
+from .base import LoadedModel, ModelError, SizeError
 
 __all__ = ["load_folder", "load_from_cache", "processor_preprocessing", "labels_of",
            "hub_cache_dir", "SizeError"]
@@ -296,17 +296,6 @@ class _Geometry:
     crop: int = 0
     squash: bool = False
     refused: str = ""
-
-
-class SizeError(ModelError):
-    """A processor whose resize or crop this tool cannot reproduce (a non-square size, no
-    resize, padding...), though the rest of it (filter, normalization, channel order) reads
-    exactly: ``partial`` is that reading, with the resize and crop left to --resize and
-    --crop, and ``loaded`` (set by ``load_folder``) the model with it. A caller given both
-    flags can go on with ``loaded``; without them the message stands."""
-
-    partial: Preprocessing | None = None
-    loaded: LoadedModel | None = None
 
 
 def processor_preprocessing(processor, where: str, twin=None) -> Preprocessing:
