@@ -22,13 +22,17 @@ from pathlib import Path
 from torch import nn
 
 from ..preprocessing import IMAGENET_PREPROCESSING, Preprocessing
+from . import state_dicts
 from .base import BUILTIN_MODEL, LoadedModel, ModelError, SizeError
 from .builtin import BUILTIN_PREPROCESSING, builtin_model
 from .pickled import load_file
-from . import state_dicts
-from .timm_models import timm_preprocessing
-from .torchvision_models import (torchvision_arch_of, torchvision_classifiers,
-                                 torchvision_preprocessing, torchvision_pretrained)
+from .timm_models import is_timm_model, timm_model_preprocessing
+from .torchvision_models import (
+    torchvision_arch_of,
+    torchvision_classifiers,
+    torchvision_preprocessing,
+    torchvision_pretrained,
+)
 
 HUB_PREFIX = "hf:"  # --model_path hf:ORG/NAME: a model in the local Hugging Face cache
 
@@ -73,13 +77,13 @@ def load_model(model_path: str | None, arch: str | None = None, trust_model: boo
 
 def whole_model_preprocessing(model: nn.Module) -> Preprocessing:
     """The preprocessing a whole model file gets: a torchvision classifier's architecture's own
-    (its DEFAULT weights' transforms), a timm model's ``pretrained_cfg``, else ImageNet's."""
+    (its DEFAULT weights' transforms), a timm model's data config as timm resolves and applies
+    it (unpickling a timm model imports timm, so it is there), else ImageNet's."""
     arch = torchvision_arch_of(model)
     if arch is not None:
         return torchvision_preprocessing(arch, model)
-    from_timm = timm_preprocessing(getattr(model, "pretrained_cfg", None))
-    if from_timm is not None:
-        return from_timm
+    if is_timm_model(model):
+        return timm_model_preprocessing(model, f"the timm model {type(model).__name__}")
     size = getattr(model, "image_size", None)  # a ViT of another size: crop to that size
     if isinstance(size, int) and size != IMAGENET_PREPROCESSING.crop:
         return IMAGENET_PREPROCESSING.with_crop(size)

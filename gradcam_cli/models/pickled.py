@@ -1,9 +1,11 @@
 """Files written by ``torch.save``: unpickled without running code from them (an allow-list
-of torch.nn and torchvision classes, ``weights_only=True``), or, for a file the user trusts
-(``--trust_model``), the ordinary way, with the current folder importable."""
+of torch.nn and torchvision classes and of plain records training checkpoints store,
+``weights_only=True``), or, for a file the user trusts (``--trust_model``), the ordinary way,
+with the current folder importable."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import importlib
@@ -25,6 +27,13 @@ _ALLOWED_PREFIXES = ("torch.nn.", "torchvision.models.", "torchvision.ops.")
 # A partial only stores its callable when it is unpickled; it is allowed when every partial in
 # the loaded object wraps an allowed module class, which is checked before the model is used.
 _PARTIAL = "functools.partial"
+# Plain records training checkpoints store beside the weights: timm's train.py saves its
+# command line as an argparse.Namespace ('args'). Loading one runs no code from the file: the
+# weights-only unpickler creates it with Namespace.__new__ (object.__new__, no __init__) and,
+# as Namespace has neither __setstate__ nor __setattr__ of its own, only updates its __dict__.
+# Its attribute values pass the same weights-only checks as everything else, so a Namespace
+# that holds anything unsafe is still refused.
+_RECORDS: dict[str, type] = {"argparse.Namespace": argparse.Namespace}
 
 
 def _allowed_module_classes(needed: list[str] | None = None) -> dict[str, type]:
@@ -72,10 +81,12 @@ def load_file(path: Path, trust_model: bool):
     except Exception as error:
         raise ModelError(f"--model_path {path}: not a file written by torch.save() "
                          f"({type(error).__name__}: {error})") from None
-    allowed = _allowed_module_classes(unsafe)
-    foreign = [name for name in unsafe if name not in allowed and name != _PARTIAL]
+    allowed = _allowed_module_classes([name for name in unsafe if name not in _RECORDS])
+    foreign = [name for name in unsafe
+               if name not in allowed and name != _PARTIAL and name not in _RECORDS]
     if not foreign:
-        needed = [functools.partial if name == _PARTIAL else allowed[name] for name in unsafe]
+        needed = [functools.partial if name == _PARTIAL else _RECORDS.get(name) or allowed[name]
+                  for name in unsafe]
         with torch.serialization.safe_globals(needed):
             loaded = _torch_load(path, weights_only=True)
         return _checked_partials(loaded, allowed, path, trust_model)
@@ -141,7 +152,8 @@ def _load_legacy_file(path: Path, trust_model: bool):
             raise ModelError(f"--model_path {path}: not a file written by torch.save()")
     allowed = _allowed_module_classes()
     try:
-        with torch.serialization.safe_globals(list(allowed.values()) + [functools.partial]):
+        with torch.serialization.safe_globals(
+                [*allowed.values(), functools.partial, *_RECORDS.values()]):
             loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         named = re.search(r"GLOBAL ([\w.]+)", str(error))
@@ -193,7 +205,7 @@ def _partials_in(root) -> list:
             stack.extend(item.values())
         elif isinstance(item, (list, tuple, set, frozenset)):
             stack.extend(item)
-        elif isinstance(item, nn.Module):
+        elif isinstance(item, (nn.Module, *_RECORDS.values())):
             stack.extend(vars(item).values())
     return [func for func in found if not isinstance(func, functools.partial)]
 
