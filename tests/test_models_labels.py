@@ -560,9 +560,10 @@ def test_read_labels_missing_file(tmp_path: Path) -> None:
 
 
 def test_default_labels() -> None:
-    """'class i' for anything but 1000 outputs; ImageNet names for 1000."""
+    """'class i' for most models; ImageNet names for 1000 outputs; a binary model (one
+    output, explained as what argues against its class and its class) two names."""
     assert default_labels(10) == [f"class {i}" for i in range(10)]
-    assert default_labels(1) == ["class 0"]
+    assert default_labels(1) == ["negative", "positive"]
     imagenet = default_labels(1000)
     assert len(imagenet) == 1000 and imagenet[967] == "espresso"
 

@@ -528,3 +528,21 @@ def test_timm_and_safetensors_are_imported_only_when_needed(tmp_path: Path) -> N
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("form", ["built-in", "torchvision name", "whole model"])
+def test_ema_with_a_model_that_has_no_ema_weights_is_one_line(form: str, tmp_path: Path,
+                                                             capsys) -> None:
+    """--ema names EMA weights, which only a training checkpoint holds: every other form is
+    refused rather than silently explained with its ordinary weights."""
+    if form == "whole model":
+        path = tmp_path / "whole.pt"
+        torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten()), path)
+        model = [str(path)]
+    else:
+        model = [] if form == "built-in" else ["resnet18"]
+    code = cli.main([*(["--model_path", *model] if model else []), "--ema", "--images_path",
+                     str(CHELSEA), "--save_dir", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--ema is only for timm training checkpoints" in err, err
+    assert len(err.strip().splitlines()) == 1

@@ -44,6 +44,10 @@ def load_model(model_path: str | None, arch: str | None = None, trust_model: boo
                ema: bool = False) -> LoadedModel:
     """The model named by ``--model_path`` (and ``--arch``, ``--ema``) with the preprocessing
     it expects, and the labels and head its own files describe."""
+    path = Path(model_path) if model_path is not None else None
+    if ema and (path is None or not path.is_file() or path.suffix == ".safetensors"):
+        raise ModelError(f"--ema is only for timm training checkpoints (a file with "
+                         f"state_dict_ema); --model_path {model_path} is not one")
     if model_path is None or model_path == BUILTIN_MODEL:
         if arch is not None:
             raise ModelError("--arch is only for a state_dict file given with --model_path")
@@ -51,7 +55,6 @@ def load_model(model_path: str | None, arch: str | None = None, trust_model: boo
     if model_path.startswith(HUB_PREFIX):
         from . import huggingface
         return huggingface.load_from_cache(model_path[len(HUB_PREFIX):], trust_model)
-    path = Path(model_path)
     if not path.exists():
         if arch is None and model_path in torchvision_classifiers():
             return LoadedModel(*torchvision_pretrained(model_path))
@@ -68,6 +71,9 @@ def load_model(model_path: str | None, arch: str | None = None, trust_model: boo
         return state_dicts.from_safetensors(path, arch, ema)
     loaded = load_file(path, trust_model)
     if isinstance(loaded, nn.Module):
+        if ema:
+            raise ModelError(f"--ema is only for timm training checkpoints (a file with "
+                             f"state_dict_ema); --model_path {model_path} holds a whole model")
         if arch is not None:
             print(f"warning: --arch {arch} ignored: {model_path} holds a whole model",
                   file=sys.stderr)
