@@ -138,8 +138,9 @@ def get_args_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                              "'class i'")
     parser.add_argument("--show", action="store_true", help="also open each figure in a window")
     parser.add_argument("--arch", default=None,
-                        help="architecture of a state_dict file: a torchvision classifier name "
-                             "or efficientnet-lite0")
+                        help="architecture of a state_dict file (.pt or .safetensors): a "
+                             "torchvision classifier name, timm:NAME for a timm architecture, "
+                             "or efficientnet-lite0 (a timm training checkpoint names its own)")
     parser.add_argument("--ema", action="store_true",
                         help="a timm training checkpoint: explain its EMA weights "
                              "(state_dict_ema) instead of its state_dict")
@@ -174,6 +175,11 @@ def get_args_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                         help="how maps are made, one or several (a figure each; the gradient "
                              "methods share one forward and backward pass): "
                              + ", ".join(METHOD_NAMES))
+    parser.add_argument("--sanity_check", action="store_true",
+                        help="also run the model-parameter randomisation test on the run's "
+                             "first images: do the maps change when the weights are "
+                             "re-initialised, layer by layer from the output? (writes "
+                             "sanity_check.csv and a line at the end)")
     parser.add_argument("--guided", action="store_true",
                         help="add a second row of Guided Grad-CAM maps (guided backpropagation "
                              "times the map)")

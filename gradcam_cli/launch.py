@@ -83,6 +83,21 @@ def choose_labels(args: argparse.Namespace, n_classes: int,
     return default_labels(n_classes)
 
 
+def sanity_check_of(model, preprocessing, targets: list, plan, device, result):
+    """--sanity_check once every image is done: its summary, or None. A stop signal during
+    it stops the run as one during the images would (the resume command redoes only the
+    check); a failure of the check itself is a warning, as the run's outputs are written."""
+    from .sanity_run import run_sanity_check
+    try:
+        return run_sanity_check(model, preprocessing, targets, plan, device)
+    except (KeyboardInterrupt, faults.Terminated) as stop:
+        result.stop = stop
+    except Exception as error:
+        print(f"warning: the sanity check failed ({type(error).__name__}: {error}); the "
+              f"run's outputs are complete", file=sys.stderr)
+    return None
+
+
 def pick_head(n_outputs: int, multi_label: bool) -> str:
     """How the scores read as probabilities: one output is a binary model (sigmoid), a
     multi-label model has a sigmoid per class, any other a softmax over its classes."""
@@ -245,7 +260,10 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
     dist.start(device)
     try:
         result = BatchRun(model, preprocessing, targets, plan, device, renderer).run()
-        total = finish(plan, result)
+        sanity = None
+        if args.sanity_check and result.stop is None and dist.leader:
+            sanity = sanity_check_of(model, preprocessing, targets, plan, device, result)
+        total = finish(plan, result, sanity)
     finally:
         dist.stop()
     if total.stop is not None:

@@ -60,6 +60,9 @@ class ReportInfo:
     head: str = "softmax"
     threshold: float = 0.5
     methods: list[str] = field(default_factory=list)  # each figure's method, as ``layers``
+    sanity: str = ""  # the sanity check's line (--sanity_check), and its table
+    sanity_header: list[str] = field(default_factory=list)
+    sanity_rows: list[list[str]] = field(default_factory=list)
 
 
 def run_info(signature: dict, labels: list[str], n_images: int,
@@ -138,14 +141,18 @@ class RunReport:
         self._last = time.monotonic()
 
     def write(self, rows: list[list[str]], skipped: list[tuple[str, str]],
-              finished: bool = True, stopped: str = "") -> None:
-        """Write the page for these rows now."""
+              finished: bool = True, stopped: str = "", sanity=None) -> None:
+        """Write the page for these rows now (with ``sanity``, a
+        ``sanity_run.SanitySummary``, the sanity check's verdict and table)."""
         binary = self.signature.get("options", {}).get("head") == "binary"
         threshold = self.signature.get("options", {}).get("threshold", 0.5)
         accuracy = outputs.accuracy(rows, self.labels, self.top,
                                     threshold if binary else None) if self.top else None
         info = run_info(self.signature, self.labels, self.n_images, skipped, accuracy,
                         finished=finished, stopped=stopped)
+        if sanity is not None:
+            info.sanity, info.sanity_header, info.sanity_rows = \
+                sanity.line, sanity.header, sanity.rows
         try:
             write_report(self.save_dir, self.header, rows, info)
         except OSError as error:

@@ -53,11 +53,12 @@ def run_report(plan: RunPlan) -> Optional[report.RunReport]:
                             plan.settings.signature, len(plan.entries), classes.accuracy_top)
 
 
-def finish(plan: RunPlan, result: RunResult) -> RunResult:
+def finish(plan: RunPlan, result: RunResult, sanity=None) -> RunResult:
     """Merge every process's rows into summary.csv and report; returns the run's totals.
 
     A stopped run (``result.stop``) only writes what is done and says how to resume; it
-    never waits on the other processes, which may be gone."""
+    never waits on the other processes, which may be gone. ``sanity`` (a
+    ``sanity_run.SanitySummary``) adds the sanity check's line and table."""
     if result.stop is None:
         try:
             gathered = plan.dist.gather(result)
@@ -77,10 +78,10 @@ def finish(plan: RunPlan, result: RunResult) -> RunResult:
     for process in gathered:
         rows.update({int(row[0]): row for row in process.rows})
     total.rows = list(rows.values())
-    return _write_summary_and_report(plan, total)
+    return _write_summary_and_report(plan, total, sanity)
 
 
-def _write_summary_and_report(plan: RunPlan, total: RunResult) -> RunResult:
+def _write_summary_and_report(plan: RunPlan, total: RunResult, sanity=None) -> RunResult:
     """The first process's summary.csv, report and closing lines for a run that is done."""
     settings, merged = plan.settings, total.rows
     classes = ClassPlan(plan.options)
@@ -99,8 +100,10 @@ def _write_summary_and_report(plan: RunPlan, total: RunResult) -> RunResult:
         print_metric_means(outputs.metric_means(merged, header, settings.tags, ranks), plan,
                            len(merged), ranks)
     print_accuracy(merged, plan, classes)
+    if sanity is not None:
+        print(sanity.line)
     if settings.report:
-        run_report(plan).write(merged, total.skipped)
+        run_report(plan).write(merged, total.skipped, sanity=sanity)
     done = f", {total.already_done} already done" if total.already_done else ""
     print(f"processed {total.processed} image(s), skipped {total.unreadable}{done}; "
           f"figures in {settings.save_dir}")

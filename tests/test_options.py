@@ -260,3 +260,25 @@ def test_several_methods_write_a_figure_each_equal_to_their_own_runs(tmp_path: P
     data = json.loads(page.split('id="report-data">')[1].split("</script>")[0])
     assert data["info"]["methods"] == methods
     assert data["info"]["method"] == ", ".join(methods)
+
+
+@pytest.mark.slow
+def test_sanity_check_writes_its_csv_line_and_report_table(tmp_path: Path, capsys) -> None:
+    """--sanity_check on the built-in model (real ImageNet weights): Grad-CAM's maps depend on
+    the weights; the csv holds a row per method and step, the same numbers as the line, and
+    the report carries both."""
+    import json
+    code, out, err = run(capsys, "--images_path", DATA, "--n_images", "all", "--method",
+                         "gradcam", "layercam", "--sanity_check", "--save_dir", tmp_path)
+    assert code == 0, err
+    (line,) = [text for text in out.splitlines() if text.startswith("sanity check")]
+    assert "gradcam depends on the weights" in line and "5 image(s)" in line
+    with open(tmp_path / "sanity_check.csv", newline="", encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["method"] for row in rows] == ["gradcam"] * 6 + ["layercam"] * 6
+    assert [int(row["step"]) for row in rows[:6]] == [1, 2, 3, 4, 5, 6]
+    final = float(rows[5]["spearman"])
+    assert final < 0.5 and f"{final:.2f} after every layer" in line
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    data = json.loads(page.split('id="report-data">')[1].split("</script>")[0])
+    assert data["info"]["sanity"] == line and len(data["info"]["sanity_rows"]) == 12

@@ -234,7 +234,40 @@
     if (INFO.metrics) add("metrics", "faithfulness of each map (sort by it below)");
     for (const name of Object.keys(INFO.settings)) add(name, INFO.settings[name]);
     header.appendChild(list);
+    if (INFO.means_rows && INFO.means_rows.length) {
+      header.appendChild(tableSection("means", "Faithfulness: each method beside the baselines",
+        INFO.means_note, INFO.means_header, INFO.means_rows));
+    }
+    if (INFO.sanity) {
+      header.appendChild(tableSection("sanity", "Sanity check: do the maps depend on the weights?",
+        INFO.sanity, INFO.sanity_header, INFO.sanity_rows));
+    }
     return header;
+  }
+
+  // A folded section with a sentence and a table of text cells (the run's own numbers).
+  function tableSection(id, title, note, columns, rows) {
+    const section = el("details", "summary-table");
+    section.id = id;
+    section.open = true;
+    section.appendChild(el("summary", null, title));
+    if (note) section.appendChild(el("p", "note", note));
+    const table = el("table");
+    const head = el("tr");
+    for (const column of columns) head.appendChild(el("th", null, column));
+    const thead = el("thead");
+    thead.appendChild(head);
+    table.appendChild(thead);
+    const body = el("tbody");
+    for (const row of rows) {
+      const tr = el("tr");
+      row.forEach((cell, c) => tr.appendChild(el("td", c > 0 && !isNaN(Number(cell)) ? "num" : null,
+                                                  String(cell))));
+      body.appendChild(tr);
+    }
+    table.appendChild(body);
+    section.appendChild(table);
+    return section;
   }
 
   function skippedList() {
