@@ -730,7 +730,7 @@ def test_out_of_memory_halves_the_batch(tiny_model: Path, images: Path, tmp_path
     and Score-CAM's passes too; the outputs equal --batch_size 2 from the start."""
     from gradcam_cli import explainer
     from gradcam_cli import metrics
-    engine, measure = explainer.explain, metrics.faithfulness
+    engine, measure = explainer.explain_methods, metrics.faithfulness
     sizes = {"engine": [], "score": [], "metrics": []}
 
     def explain(model, inputs, *args, **kwargs):
@@ -744,7 +744,7 @@ def test_out_of_memory_halves_the_batch(tiny_model: Path, images: Path, tmp_path
         sizes["metrics"].append(kwargs["batch_size"])
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(explainer, "explain", explain)
+    monkeypatch.setattr(explainer, "explain_methods", explain)
     monkeypatch.setattr(metrics, "faithfulness", faithfulness)
     common = ["--model_path", str(tiny_model), "--images_path", str(images), "--n_images", "4",
               "--quiet", "--device", "cpu", "--metrics", "--method", "scorecam",
