@@ -187,12 +187,13 @@ def test_every_method_is_registered_with_a_cited_docstring() -> None:
 def test_many_methods_in_one_pass_equal_each_methods_own_run() -> None:
     """explain_methods shares the forward and backward passes between the gradient methods;
     each method's maps (raw and normalized, counterfactual too) equal its own call's."""
-    from torchvision.models import resnet18
-
     from gradcam_cli.gradcam import explain_methods
-    model = resnet18(num_classes=10).eval()
-    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    layers = [model.layer4, model.layer4[1].conv2]
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+                          nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    layers = [model[6], model[3]]
     classes = torch.tensor([[1, 2], [3, 4], [5, 0]])
     methods = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam"]
     for counterfactual, raw in ((False, False), (True, False), (False, True)):
