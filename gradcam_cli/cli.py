@@ -24,7 +24,8 @@ from .errors import InputError, UsageError
 from .launch import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam")
+METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam",
+                "eigencam", "ablationcam")
 GRADIENT_FREE = ("scorecam",)  # methods with no gradients, so no counterfactual form
 MAX_HELPER_PROCESSES = 64  # per flag: more only crowd the cores (and may be a typo)
 

@@ -22,19 +22,19 @@ import contextlib
 import warnings
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cam_methods import METHODS
+from .cam_methods import METHODS, class_maps, combine
 from .heads import SOFTMAX, Head, class_scores
 from .layer_layouts import CHANNELS_FIRST, Layout, LayoutTracer, channels_first_by_type
 
-__all__ = ["grad_cam", "explain", "explain_methods", "top_and_lowest", "ConvLayer", "conv_layers_in_run_order",
-           "layers_in_run_order",
+__all__ = ["grad_cam", "explain", "explain_methods", "SMOOTHING", "AUGMENTATIONS",
+           "top_and_lowest", "ConvLayer", "conv_layers_in_run_order", "layers_in_run_order",
            "normalize_maps", "upsample_and_normalize", "eval_mode"]
 
 
@@ -121,7 +121,7 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(flat_range, constant, scaled).view_as(maps)
 
 
-ClassChoice = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+ClassChoice = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 
 def top_and_lowest(scores: torch.Tensor, top: int = 3) -> torch.Tensor:
@@ -158,34 +158,68 @@ def grad_cam(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module]
 
 def explain(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
             classes: ClassChoice, method: str = "gradcam", counterfactual: bool = False,
-            raw: bool = False, batch_size: int = 64, progress=None, head: Head = SOFTMAX):
+            raw: bool = False, batch_size: int = 64, progress=None, head: Head = SOFTMAX,
+            smooth: str | None = None):
     """Like ``grad_cam``, for any method of ``cam_methods.METHODS``.
 
     ``counterfactual=True`` negates the gradients (Selvaraju et al., section 5): the map shows
     the regions whose removal would make the network more confident in the class. Methods
     without gradients refuse it. ``batch_size`` and ``progress(done, total)`` serve the extra
-    forward passes of Score-CAM and its kind.
+    forward passes of Score-CAM and Ablation-CAM. ``smooth``: see ``explain_methods``.
     """
     scores, maps = explain_methods(model, images, layers, classes, [method], counterfactual,
-                                   raw, batch_size, progress, head)
+                                   raw, batch_size, progress, head, smooth)
     return scores, maps[method]
+
+
+SMOOTHING = ("aug", "eigen", "aug+eigen")
+"""The ``smooth`` options of ``explain_methods`` (None: no smoothing)."""
+
+AUGMENTATIONS = tuple((flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1))
+"""Test-time augmentations of ``smooth="aug"``, pytorch-grad-cam's default ttach set: a
+horizontal flip or not, times the (preprocessed) input multiplied by 0.9, 1 or 1.1."""
 
 
 def explain_methods(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
                     classes: ClassChoice, methods: Sequence[str],
                     counterfactual: bool = False, raw: bool = False, batch_size: int = 64,
-                    progress=None, head: Head = SOFTMAX):
+                    progress=None, head: Head = SOFTMAX, smooth: str | None = None):
     """Several methods' maps from one forward pass and one backward pass.
 
     The gradient methods differ only in how they weight the same activations and gradients,
-    so they share both passes; methods that need forward passes of their own (Score-CAM)
-    run them after. Returns ``(scores, {method: maps})``, each method's maps as ``explain``
-    returns them: exactly what a call for that method alone gives.
+    so they share both passes, and Eigen-CAM needs only the forward one; methods that need
+    forward passes of their own (Score-CAM, Ablation-CAM) run them after. Returns
+    ``(scores, {method: maps})``, each method's maps as ``explain`` returns them: exactly what
+    a call for that method alone gives.
+
+    ``smooth`` (any method, gradient-free ones and ``raw=True`` included):
+
+    * ``"eigen"``: each map is ReLU of the first principal component of what its method sums
+      over channels (alpha_k A_k; G * A for HiResCAM; ReLU(G) * A for LayerCAM; Score-CAM's
+      and Ablation-CAM's w_k A_k), as pytorch-grad-cam's ``eigen_smooth``, instead of ReLU of
+      the sum; the sign as ``cam_methods.first_principal_component`` states. Eigen-CAM is its
+      own eigen smoothing: unchanged.
+    * ``"aug"``: test-time augmentation, as pytorch-grad-cam's ``aug_smooth``: the engine runs
+      once per ``AUGMENTATIONS`` entry (6 times the cost), on the original images first, whose
+      scores pick the classes (``classes`` may be a function) and are the scores returned; the
+      other five runs explain those same classes. Each run's raw maps (layer resolution) are
+      un-flipped and min-max normalized per map, then averaged; the average is multiplied by
+      the mean of the runs' peak values. Normalizing first is what pytorch-grad-cam does
+      (it averages maps scaled to [0, 1]): each augmentation counts the same, where raw
+      values would let the brighter inputs (x 1.1) weigh more. The multiplication keeps raw
+      maps in their method's units, so peaks and a scale shared between classes still mean
+      something. Bilinear upsampling commutes with the flip and the mean, so the normalized
+      maps are those of pytorch-grad-cam up to its per-augmentation renormalization at input
+      size.
+    * ``"aug+eigen"``: both: the augmented runs use eigen smoothing.
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"unknown method {unknown[0] if unknown else None!r}; choose from "
                          f"{', '.join(METHODS)}")
+    if smooth is not None and smooth not in SMOOTHING:
+        raise ValueError(f"unknown smoothing {smooth!r}; choose from {', '.join(SMOOTHING)} "
+                         f"or None")
     chosen = {name: METHODS[name] for name in dict.fromkeys(methods)}
     without = [name for name, m in chosen.items() if not m.uses_gradients]
     if counterfactual and without:
@@ -196,6 +230,23 @@ def explain_methods(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.
         raise ValueError("layers is empty: give at least one target module")
     if isinstance(classes, torch.Tensor):
         check_classes(classes, images.shape[0])
+    eigen = smooth in ("eigen", "aug+eigen")
+    if smooth in ("aug", "aug+eigen"):
+        scores, raw_maps = _augmented(model, images, layers, classes, chosen, counterfactual,
+                                      batch_size, progress, head, eigen)
+    else:
+        scores, _, raw_maps = _raw_maps(model, images, layers, classes, chosen,
+                                        counterfactual, batch_size, progress, head, eigen)
+    if raw:
+        return scores, raw_maps
+    return scores, {name: upsample_and_normalize(maps, images.shape[-2:])
+                    for name, maps in raw_maps.items()}
+
+
+def _raw_maps(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
+              classes: ClassChoice, chosen: dict, counterfactual: bool, batch_size: int,
+              progress, head: Head, eigen: bool):
+    """One run of the engine: ``(scores, classes, {method: [raw maps per layer]})``."""
     recorder = _ActivationRecorder(len(layers))
     raw_maps: dict[str, list[torch.Tensor]] = {}
     with eval_mode(model), torch.inference_mode(False):
@@ -222,22 +273,73 @@ def explain_methods(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.
                     gradients = [sign * layout.to_grid(grads[layer]) for grads in per_class]
                     for name, m in with_gradients.items():
                         raw_maps.setdefault(name, []).append(torch.stack(
-                            [m.from_gradients(grids[layer], g) for g in gradients],
-                            dim=1).float())
-        for name in without:  # after the hooks are gone: plain inference passes
-            with torch.no_grad():
-                raw_maps[name] = [chosen[name].from_scores(
-                    model, images, grid, classes, batch_size=batch_size, progress=progress,
-                    head=head).float() for grid in grids]
-    scores = scores.detach()
-    if raw:
-        return scores, {name: raw_maps[name] for name in chosen}
-    return scores, {name: upsample_and_normalize(raw_maps[name], images.shape[-2:])
+                            [combine(m.from_gradients(grids[layer], g), grids[layer], eigen)
+                             for g in gradients], dim=1).float())
+            for name, m in chosen.items():
+                if m.from_activations is not None:  # one map for all K classes
+                    raw_maps[name] = [m.from_activations(grid).float().unsqueeze(1)
+                                      .repeat(1, classes.shape[1], 1, 1) for grid in grids]
+        scores = scores.detach()
+        for name, m in chosen.items():  # after the hooks are gone: plain inference passes
+            if not m.runs_own_passes:
+                continue
+            per_layer = []
+            for module, layout, grid in zip(layers, layouts, grids):
+                with torch.no_grad():
+                    if m.from_scores is not None:
+                        weights = m.from_scores(model, images, grid, classes,
+                                                batch_size=batch_size, progress=progress,
+                                                head=head)
+                    else:
+                        weights = m.from_ablation(model, images, grid, classes, scores=scores,
+                                                  module=module, layout=layout,
+                                                  batch_size=batch_size, progress=progress,
+                                                  head=head)
+                    per_layer.append(class_maps(weights, grid, eigen).float())
+            raw_maps[name] = per_layer
+    return scores, classes, {name: raw_maps[name] for name in chosen}
+
+
+def _augmented(model: nn.Module, images: torch.Tensor, layers: Sequence[nn.Module],
+               classes: ClassChoice, chosen: dict, counterfactual: bool, batch_size: int,
+               progress, head: Head, eigen: bool):
+    """``smooth="aug"`` (see ``explain_methods``): ``(scores, {method: [raw maps]})``."""
+    order = [(False, 1.0)] + [a for a in AUGMENTATIONS if a != (False, 1.0)]
+    shapes: dict[str, list[torch.Tensor]] = {}
+    peaks: dict[str, list[torch.Tensor]] = {}
+    scores = None
+    for step, (flip, factor) in enumerate(order):
+        if step == 0:
+            augmented = images
+        else:
+            augmented = images * factor
+            augmented = augmented.flip(-1) if flip else augmented
+        step_progress = None if progress is None else (
+            lambda done, total, step=step: progress(step * total + done, len(order) * total))
+        step_scores, step_classes, maps = _raw_maps(model, augmented, layers, classes, chosen,
+                                                    counterfactual, batch_size, step_progress,
+                                                    head, eigen)
+        if step == 0:  # the original images: their scores and classes hold for every run
+            scores, classes = step_scores, step_classes
+        for name, per_layer in maps.items():
+            for layer, layer_maps in enumerate(per_layer):
+                layer_maps = layer_maps.flip(-1) if flip else layer_maps
+                shape = normalize_maps(layer_maps)
+                peak = layer_maps.amax(dim=(-2, -1), keepdim=True)
+                if step == 0:
+                    shapes.setdefault(name, []).append(shape)
+                    peaks.setdefault(name, []).append(peak)
+                else:
+                    shapes[name][layer] += shape
+                    peaks[name][layer] += peak
+    count = float(len(order))
+    return scores, {name: [(shape / count) * (peak / count)
+                           for shape, peak in zip(shapes[name], peaks[name])]
                     for name in chosen}
 
 
 @contextlib.contextmanager
-def _tracing(model: nn.Module, tracer: Optional[LayoutTracer]) -> Iterator[None]:
+def _tracing(model: nn.Module, tracer: LayoutTracer | None) -> Iterator[None]:
     """Let ``tracer`` watch every submodule's output for the block (nothing if None)."""
     if tracer is None:
         yield
@@ -248,11 +350,11 @@ def _tracing(model: nn.Module, tracer: Optional[LayoutTracer]) -> Iterator[None]
 
 # Layouts already found for a model, by input shape and target modules, so that the later
 # batches of a run skip the layout pass. Weak references only: nothing is kept alive.
-_LAYOUTS_FOUND: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_LAYOUTS_FOUND: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 
 
 def _known_layouts(model: nn.Module, images: torch.Tensor,
-                   layers: Sequence[nn.Module]) -> Optional[list[Layout]]:
+                   layers: Sequence[nn.Module]) -> list[Layout] | None:
     entry = _LAYOUTS_FOUND.get(model, {}).get(tuple(images.shape))
     if entry is None or len(entry[0]) != len(layers) \
             or any(ref() is not module for ref, module in zip(entry[0], layers)):
@@ -267,7 +369,7 @@ def _remember_layouts(model: nn.Module, images: torch.Tensor, layers: Sequence[n
 
 
 def _target_layouts(layers: Sequence[nn.Module], activations: list[torch.Tensor],
-                    tracer: Optional[LayoutTracer]) -> list[Layout]:
+                    tracer: LayoutTracer | None) -> list[Layout]:
     """Each target's layout; ValueError for one whose channel and grid axes cannot be told."""
     layouts = []
     for index, (module, activation) in enumerate(zip(layers, activations)):
@@ -325,7 +427,8 @@ def _gradients_per_class(scores: torch.Tensor, activations: list[torch.Tensor],
     n_classes = classes.shape[1]
     if not scores.requires_grad:  # no target layer reaches the scores: every gradient is 0
         warnings.warn("no target layer reaches the class scores (a dead branch, or a no_grad "
-                      "block inside the model): every map is zero", RuntimeWarning)
+                      "block inside the model): every map is zero", RuntimeWarning,
+                      stacklevel=2)
         return [[torch.zeros_like(a) for a in activations] for _ in range(n_classes)]
     selectors = torch.zeros((n_classes,) + tuple(scores.shape), dtype=scores.dtype,
                             device=scores.device)
@@ -360,7 +463,7 @@ class ConvLayer:
     module: nn.Module
     output_shape: tuple[int, ...]
     is_conv: bool = True
-    layout: Optional[Layout] = None
+    layout: Layout | None = None
 
 
 def layers_in_run_order(model: nn.Module, example: torch.Tensor
