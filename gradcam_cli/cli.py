@@ -26,7 +26,8 @@ from .launch import CPU_BATCH_SIZE, GPU_BATCH_SIZE
 DEVICES = ("auto", "cpu", "cuda", "mps")
 METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam",
                 "eigencam", "ablationcam")
-GRADIENT_FREE = ("scorecam",)  # methods with no gradients, so no counterfactual form
+# methods with no gradients, so no counterfactual form (tests check both against the registry)
+GRADIENT_FREE = ("scorecam", "eigencam", "ablationcam")
 MAX_HELPER_PROCESSES = 64  # per flag: more only crowd the cores (and may be a typo)
 
 
@@ -176,6 +177,10 @@ def get_args_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                         help="how maps are made, one or several (a figure each; the gradient "
                              "methods share one forward and backward pass): "
                              + ", ".join(METHOD_NAMES))
+    parser.add_argument("--smooth", choices=("aug", "eigen", "aug+eigen"), default=None,
+                        help="smooth the maps: aug averages them over flipped and brightened "
+                             "copies of each image (6 passes); eigen keeps the first principal "
+                             "component of each method's weighted activations; aug+eigen both")
     parser.add_argument("--sanity_check", action="store_true",
                         help="also run the model-parameter randomisation test on the run's "
                              "first images: do the maps change when the weights are "

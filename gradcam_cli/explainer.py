@@ -261,7 +261,8 @@ class Explainer:
             self.model, inputs, [t.module for t in self.targets],
             lambda s: self.plan.choose(s, truth), options.methods,
             counterfactual=options.counterfactual, raw=True,
-            batch_size=self.score_batch_size, progress=self.score_progress, head=self.head)
+            batch_size=self.score_batch_size, progress=self.score_progress, head=self.head,
+            smooth=options.smooth)
         layer_of = {id(t): i for i, t in enumerate(self.targets)}
         raw_maps = [by_method[v.method][layer_of[id(v.target)]] for v in self.views]
         classes = self.plan.choose(scores, truth)
@@ -303,7 +304,9 @@ class Explainer:
 
     def heading(self, view: View) -> str:
         kind = "Counterfactual " if self.options.counterfactual else ""
-        return f"{kind}{METHODS[view.method].name} at {view.target.describe()}"
+        smooth = f", {self.options.smooth} smoothing" if self.options.smooth else ""
+        same = " (one map for every class)" if view.method in CLASS_INDEPENDENT else ""
+        return f"{kind}{METHODS[view.method].name}{smooth}{same} at {view.target.describe()}"
 
     def _jobs(self, entries: list[ImageEntry], shown: list[np.ndarray],
               computed: _Computed) -> list[tuple[ImageJob, list[str]]]:
@@ -346,6 +349,7 @@ class Explainer:
 
 
 _OUT_OF_MEMORY = "out of memory"
+CLASS_INDEPENDENT = ("eigencam",)  # methods whose map is the same for every class
 
 
 def quantise(maps: torch.Tensor) -> torch.Tensor:

@@ -243,7 +243,7 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
                                      CPU_BATCH_SIZE)
     options = ExplainOptions(
         methods=tuple(dict.fromkeys(args.method)), counterfactual=args.counterfactual,
-        guided=args.guided,
+        guided=args.guided, smooth=args.smooth,
         classes=resolve_classes(args.classes, labels), true_class=args.true_class,
         shared_scale=args.scale == "shared", metrics=args.metrics,
         score_batch_size=batch_size, n_classes=len(labels), head=head,

@@ -26,6 +26,7 @@ class ExplainOptions:
     metrics: bool = False
     score_batch_size: int = 64
     n_classes: int = 1000
+    smooth: Optional[str] = None  # None, "aug", "eigen" or "aug+eigen" (explain_methods)
     head: str = "softmax"      # heads.HEADS: softmax, sigmoid (multi-label) or binary
     threshold: float = 0.5     # multi-label: a class is shown at or above this probability
     max_panels: int = 3        # the top classes shown before the lowest

@@ -177,9 +177,9 @@ def test_score_cam_batches_and_reports_progress() -> None:
 def test_every_method_is_registered_with_a_cited_docstring() -> None:
     """The registry is explicit and each formula names its paper."""
     assert set(METHODS) == {"gradcam", "gradcam++", "xgradcam", "layercam", "hirescam",
-                            "scorecam"}
+                            "scorecam", "eigencam", "ablationcam"}
     for method in METHODS.values():
-        function = method.from_gradients or method.from_scores
+        function = method.formula
         assert function.__doc__ and any(year in function.__doc__
                                         for year in ("2017", "2018", "2020", "2021"))
 

@@ -227,6 +227,8 @@ def test_method_flag_lists_exactly_the_registry() -> None:
     """main.py names the methods itself (no torch import before --help); they must match."""
     from gradcam_cli.cam_methods import METHODS
     assert tuple(METHODS) == cli.METHOD_NAMES
+    assert cli.GRADIENT_FREE == tuple(name for name, method in METHODS.items()
+                                      if not method.uses_gradients)
 
 
 def test_several_methods_write_a_figure_each_equal_to_their_own_runs(tmp_path: Path,
@@ -282,3 +284,34 @@ def test_sanity_check_writes_its_csv_line_and_report_table(tmp_path: Path, capsy
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     data = json.loads(page.split('id="report-data">')[1].split("</script>")[0])
     assert data["info"]["sanity"] == line and len(data["info"]["sanity_rows"]) == 12
+
+
+def test_eigencam_ablationcam_and_smoothing_from_the_command_line(tmp_path: Path,
+                                                                  capsys) -> None:
+    """Eigen-CAM's map is the same for every panel (class-independent, as its heading says);
+    --smooth aug gives the engine's own smoothed maps; neither new method has a
+    counterfactual form."""
+    import numpy as np
+
+    from gradcam_cli.gradcam import explain
+    from gradcam_cli.images import load_rgb
+    from gradcam_cli.models import load_model
+    from gradcam_cli.preprocessing import prepare_image
+    code, _, err = run(capsys, "--images_path", CAT, "--method", "eigencam", "gradcam",
+                       "--smooth", "aug", "--save_raw", "--layer", "_swish",
+                       "--save_dir", tmp_path)
+    assert code == 0, err
+    raw = np.load(tmp_path / "raw" / "image0.npz")
+    eigen = raw["layer-_swish_eigencam"]
+    assert all(np.array_equal(eigen[0], eigen[k]) for k in range(1, len(eigen)))
+    loaded = load_model(None)
+    _, x = prepare_image(load_rgb(CAT), loaded.preprocessing)
+    model = loaded.model.eval()
+    _, maps = explain(model, torch.from_numpy(x)[None], [model._swish],
+                      torch.from_numpy(raw["classes"])[None], method="gradcam", raw=True,
+                      smooth="aug")
+    np.testing.assert_allclose(raw["layer-_swish_gradcam"], maps[0][0].numpy(), rtol=1e-4,
+                               atol=1e-6)
+    code, _, err = run(capsys, "--images_path", CAT, "--method", "ablationcam",
+                       "--counterfactual", "--save_dir", tmp_path / "no")
+    assert code == 2 and "ablationcam has none" in err
