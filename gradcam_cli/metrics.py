@@ -1,7 +1,8 @@
-"""Faithfulness metrics for saliency maps: deletion/insertion AUC, average drop, increase.
+"""Faithfulness metrics for saliency maps: deletion/insertion AUC, average drop, increase, ROAD.
 
-Pure torch. A saliency map is faithful when the pixels it ranks highest are the ones the model's
-score depends on. Two families of checks measure that with the model itself:
+Torch (ROAD's sparse solves use SciPy, in road.py). A saliency map is faithful when the pixels
+it ranks highest are the ones the model's score depends on. Three families of checks measure
+that with the model itself:
 
 * Deletion and insertion (Petsiuk et al., "RISE: Randomized Input Sampling for Explanation of
   Black-box Models", BMVC 2018). Deletion removes the most salient pixels first and watches the
@@ -11,6 +12,23 @@ score depends on. Two families of checks measure that with the model itself:
 * Average drop and increase in confidence (Chattopadhyay et al., "Grad-CAM++", WACV 2018). The
   model sees the image multiplied by the map; a faithful map keeps most of the probability
   (a low drop) and sometimes raises it.
+* ROAD (Rong et al., "A Consistent and Efficient Evaluation Strategy for Attribution Methods",
+  ICML 2022), with ``road=True``: the most (MoRF) or least (LeRF) relevant pixels are removed
+  at several percentiles and filled by noisy linear imputation from their neighbours, so the
+  hole's outline does not leak into the image (road.py defines it exactly).
+
+Baseline maps (``baseline_maps``) say what a score is worth: compute every measure for them on
+the same images and report each method beside them.
+
+* ``"random"``: ``random_maps``, smooth uniform noise on a 7 x 7 grid: the chance level, as
+  coarse as a last-conv-layer map, so smoothness alone earns nothing.
+* ``"gaussian"``: a centred isotropic Gaussian, sigma = a quarter of the shorter side,
+  min-max normalized to [0, 1] (1 at the centre): the "the object is in the middle" prior.
+  Photos are framed around their subject and the crop is centred, so this map already scores
+  well with no knowledge of the model.
+
+A map should beat both. One that does not beat the random map is no better than chance; one
+that beats the random map but not the Gaussian tells you no more than "look at the centre".
 
 Every perturbed image goes through the model in batches of ``batch_size``, across images, maps
 and steps, and is built only when its batch is due, so memory does not grow with the number
@@ -21,7 +39,8 @@ never recorded, ``requires_grad`` is never touched.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +48,15 @@ from torch import nn
 
 from .gradcam import eval_mode, normalize_maps
 from .heads import SOFTMAX, Head
+from .road import ROAD_NOISE, ROAD_PERCENTILES, check_percentiles, road_probabilities, road_scores
 
-__all__ = ["Faithfulness", "faithfulness", "random_maps", "BASELINES"]
+__all__ = ["Faithfulness", "faithfulness", "random_maps", "baseline_maps", "BASELINES",
+           "BASELINE_MAPS"]
 
 BASELINES = ("blur", "zero")
 BLUR_SIGMA_FRACTION = 1 / 20  # the blur baseline's Gaussian sigma, as a fraction of min(H, W)
+BASELINE_MAPS = ("random", "gaussian")
+GAUSSIAN_MAP_SIGMA_FRACTION = 1 / 4  # the centred Gaussian map's sigma, times min(H, W)
 
 # Kinds of perturbed image, one per row of the job table.
 _REMOVE = 0   # the baseline where rank < n, the image elsewhere (deletion; also the image, n=0)
@@ -47,18 +70,27 @@ class Faithfulness:
 
     ``increase`` is 1.0 where the explanation map raised the class probability, else 0.0; its
     mean times 100 is Grad-CAM++'s "increase in confidence" in percent.
+
+    The ROAD fields are None unless ``faithfulness`` was asked for them (``road=True``); they
+    are probability changes averaged over the percentiles (road.py).
     """
 
     deletion_auc: torch.Tensor   # in [0, 1]; lower is better
     insertion_auc: torch.Tensor  # in [0, 1]; higher is better
     average_drop: torch.Tensor   # percent, in [0, 100]; lower is better
     increase: torch.Tensor       # 0.0 or 1.0; higher (on average) is better
+    road_morf: torch.Tensor | None = None  # in [-1, 1]; lower is better
+    road_lerf: torch.Tensor | None = None  # in [-1, 1]; higher is better
+    road: torch.Tensor | None = None       # (road_lerf - road_morf) / 2; higher is better
 
 
 def faithfulness(model: nn.Module, images: torch.Tensor, maps: torch.Tensor,
                  classes: torch.Tensor, steps: int = 16, batch_size: int = 64,
-                 baseline: str = "blur", head: Head = SOFTMAX) -> Faithfulness:
-    """Deletion AUC, insertion AUC, average drop and increase for each of B x K maps.
+                 baseline: str = "blur", head: Head = SOFTMAX, road: bool = False,
+                 road_percentiles: Sequence[float] = ROAD_PERCENTILES,
+                 road_noise: float = ROAD_NOISE,
+                 generator: torch.Generator | None = None) -> Faithfulness:
+    """Deletion AUC, insertion AUC, average drop, increase (and ROAD) for each of B x K maps.
 
     Args:
         model: the classifier, returning (N, C) raw class scores; it is left as it was found.
@@ -71,6 +103,11 @@ def faithfulness(model: nn.Module, images: torch.Tensor, maps: torch.Tensor,
         baseline: what a removed pixel becomes, for both curves: ``"blur"``, the image blurred
             with a Gaussian of sigma = min(H, W) / 20 (separable, reflect padding, as RISE uses
             for insertion), or ``"zero"``, zeros: the dataset mean for normalized inputs.
+        road: also ROAD's MoRF, LeRF and combined scores (``road.road``): 2 x P more forward
+            passes per map and as many sparse solves on the CPU, so off by default.
+        road_percentiles, road_noise: ROAD's percentages of pixels removed and imputation
+            noise std (model-input units).
+        generator: the source of ROAD's tie-breaks and noise (torch's global one if None).
 
     The class probability is ``head``'s: the softmax of the model's raw scores (a sigmoid
     head's own sigmoid), taken for the map's class.
@@ -88,8 +125,16 @@ def faithfulness(model: nn.Module, images: torch.Tensor, maps: torch.Tensor,
     explanation map E = image * map, where "image" is the *normalized* model input (so a zero
     map gives zeros, the dataset mean, not black). average_drop = max(0, Y - O) / Y * 100
     (0 where Y <= O, so Y = 0 never divides) and increase = 1.0 where O > Y, else 0.0.
+
+    ROAD runs after the other measures, in batches of its own, so they are the same numbers
+    with and without it; it reuses their probabilities on the images.
     """
     height, width = _check_inputs(images, maps, classes, steps, batch_size, baseline)
+    if road:
+        check_percentiles(road_percentiles)
+        if not (math.isfinite(road_noise) and road_noise >= 0):
+            raise ValueError(f"road_noise must be a finite standard deviation >= 0, "
+                             f"got {road_noise}")
     n_images, n_maps = classes.shape
     n_pixels = height * width
     device = images.device
@@ -102,7 +147,17 @@ def faithfulness(model: nn.Module, images: torch.Tensor, maps: torch.Tensor,
         jobs = _job_table(n_images, n_maps, n_pixels, steps, device)
         builder = _PerturbedImages(images, baselines, maps, jobs)
         probs = _probabilities(model, builder, classes, jobs["image"], batch_size, head)
-    return _scores(probs.clone(), n_images, n_maps, steps)  # clone: not an inference tensor
+        if road:
+            on_image = probs[:n_images]  # each image's K classes (the first job block)
+            _, on_imputed = road_probabilities(model, images, maps, classes, road_percentiles,
+                                               road_noise, batch_size, head, generator,
+                                               on_image=on_image)
+    scores = _scores(probs.clone(), n_images, n_maps, steps)  # clone: not an inference tensor
+    if not road:
+        return scores
+    measured = road_scores(on_image.clone(), on_imputed.clone(), road_percentiles)
+    return replace(scores, road_morf=measured.morf, road_lerf=measured.lerf,
+                   road=measured.combined)
 
 
 def random_maps(shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None,
@@ -121,6 +176,29 @@ def random_maps(shape: tuple[int, ...] | torch.Size, generator: torch.Generator 
     noise = torch.rand(math.prod(leading), 1, cells, cells, generator=generator, device=device)
     smooth = F.interpolate(noise, size=(height, width), mode="bilinear", align_corners=False)
     return normalize_maps(smooth.view(*leading, height, width))
+
+
+def baseline_maps(kind: str, shape: tuple[int, ...] | torch.Size,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Baseline saliency maps of ``shape`` (..., H, W), float32 in [0, 1] (see the module doc).
+
+    ``"random"``: ``random_maps(shape, generator)``. ``"gaussian"``: the same map for every
+    leading index, exp(-d^2 / (2 sigma^2)) with d the distance from the image centre
+    ((H - 1) / 2, (W - 1) / 2) in pixels and sigma = min(H, W) / 4, min-max normalized to
+    [0, 1]; it does not use ``generator`` (it is made on the generator's device if given).
+    """
+    if kind == "random":
+        return random_maps(shape, generator)
+    if kind != "gaussian":
+        raise ValueError(f"kind must be one of {', '.join(BASELINE_MAPS)}, got {kind!r}")
+    *leading, height, width = tuple(shape)
+    device = generator.device if generator is not None else None
+    sigma = GAUSSIAN_MAP_SIGMA_FRACTION * min(height, width)
+    rows = torch.arange(height, dtype=torch.float64, device=device) - (height - 1) / 2
+    cols = torch.arange(width, dtype=torch.float64, device=device) - (width - 1) / 2
+    squared = rows[:, None] ** 2 + cols[None, :] ** 2
+    gaussian = normalize_maps(torch.exp(-squared / (2 * sigma ** 2))).float()
+    return gaussian.expand(*leading, height, width).contiguous()
 
 
 def _check_inputs(images: torch.Tensor, maps: torch.Tensor, classes: torch.Tensor, steps: int,
