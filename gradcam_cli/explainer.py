@@ -155,7 +155,8 @@ class _Computed:
     peaks: np.ndarray                  # (L, B, K) raw peaks
     raw: Optional[list[np.ndarray]]    # L x (B, K, h, w) raw maps, with --save_raw
     guided: Optional[np.ndarray]       # (L, B, K, H, W, 3) uint8, with --guided
-    metrics: Optional[np.ndarray]      # (L, B, K, 4), with --metrics
+    metrics: Optional[np.ndarray]      # (L, B, K, M), with --metrics (outputs.METRICS)
+    baselines: Optional[np.ndarray] = None  # (2, B, M): the baseline maps, first panel
 
 
 class Explainer:
@@ -272,15 +273,17 @@ class Explainer:
         if options.metrics:  # faithfulness is measured on each map's own [0, 1] scale
             per_map = (upsample_and_normalize(raw_maps, inputs.shape[-2:])
                        if options.shared_scale else maps)
-            metrics = self._metrics(inputs, classes, per_map)
+            metrics = self._metrics(inputs, classes, per_map, entries)
+            baselines = self._baseline_metrics(inputs, classes[:, :1], entries)
         else:
-            metrics = None
+            metrics = baselines = None
         peaks = torch.stack([m.amax(dim=(2, 3)) for m in raw_maps]).cpu().numpy()
         return _Computed(
             truth=truth.numpy(), classes=classes.cpu().numpy(),
             probabilities=probabilities.cpu().numpy(), maps=quantise(maps).cpu().numpy(),
             peaks=peaks, raw=[m.cpu().numpy() for m in raw_maps]
-            if self.settings.save_raw else None, guided=guided, metrics=metrics)
+            if self.settings.save_raw else None, guided=guided, metrics=metrics,
+            baselines=baselines)
 
     def _guided(self, inputs: torch.Tensor, classes: torch.Tensor,
                 maps: torch.Tensor) -> np.ndarray:
@@ -290,17 +293,43 @@ class Explainer:
         return np.stack([guided_to_rgb(guided_grad_cam(gradients, layer_maps).cpu().numpy())
                          for layer_maps in maps])
 
-    def _metrics(self, inputs: torch.Tensor, classes: torch.Tensor,
-                 maps: torch.Tensor) -> np.ndarray:
-        """(L, B, K, 4): deletion AUC, insertion AUC, average drop %, increase (0/1)."""
+    def _metrics(self, inputs: torch.Tensor, classes: torch.Tensor, maps: torch.Tensor,
+                 entries: list[ImageEntry]) -> np.ndarray:
+        """(V, B, K, M): each figure's maps' faithfulness (``outputs.METRICS``)."""
+        return torch.stack([self._faithfulness(inputs, classes, view_maps, entries)
+                            for view_maps in maps]).float().cpu().numpy()
+
+    def _baseline_metrics(self, inputs: torch.Tensor, classes: torch.Tensor,
+                          entries: list[ImageEntry]) -> np.ndarray:
+        """(2, B, M): the same measures for a random and a centred Gaussian map (each image's
+        random map seeded by its index, so it is the same in any batch or process)."""
+        from .metrics import baseline_maps
+        size = (1, 1) + tuple(inputs.shape[-2:])
+        per_kind = []
+        for kind in outputs.BASELINE_TAGS:
+            maps = torch.cat([baseline_maps(kind, size, _seeded(entry.index))
+                              for entry in entries]).to(inputs.device)
+            per_kind.append(self._faithfulness(inputs, classes, maps, entries)[:, 0])
+        return torch.stack(per_kind).float().cpu().numpy()
+
+    def _faithfulness(self, inputs: torch.Tensor, classes: torch.Tensor, maps: torch.Tensor,
+                      entries: list[ImageEntry]) -> torch.Tensor:
+        """(B, K, M) faithfulness of (B, K) maps. Deletion and the rest go batched across
+        images; ROAD image by image, its imputation noise seeded by the image's index, so a
+        map's numbers do not depend on the batch it came in."""
         from .metrics import faithfulness
-        per_layer = []
-        for layer_maps in maps:
-            scores = faithfulness(self.model, inputs, layer_maps, classes,
-                                  batch_size=self.score_batch_size, head=self.head)
-            per_layer.append(torch.stack([scores.deletion_auc, scores.insertion_auc,
-                                          scores.average_drop, scores.increase], dim=-1))
-        return torch.stack(per_layer).float().cpu().numpy()
+        from .road import road
+        scores = faithfulness(self.model, inputs, maps, classes,
+                              batch_size=self.score_batch_size, head=self.head)
+        roads = [road(self.model, inputs[b:b + 1], maps[b:b + 1], classes[b:b + 1],
+                      batch_size=self.score_batch_size, head=self.head,
+                      generator=_seeded(entry.index)) for b, entry in enumerate(entries)]
+        return torch.stack([scores.deletion_auc, scores.insertion_auc, scores.average_drop,
+                            scores.increase,
+                            torch.cat([r.morf for r in roads]).to(scores.deletion_auc),
+                            torch.cat([r.lerf for r in roads]).to(scores.deletion_auc),
+                            torch.cat([r.combined for r in roads]).to(scores.deletion_auc)],
+                           dim=-1)
 
     def heading(self, view: View) -> str:
         kind = "Counterfactual " if self.options.counterfactual else ""
@@ -344,12 +373,21 @@ class Explainer:
             [p if panel else None for p, panel in zip(probabilities.tolist(), shown_panels)],
             [p.name for p in paths[:len(tags)]],
             outputs.extra_values(peaks, None if computed.metrics is None
-                                 else computed.metrics[:, b]))
+                                 else computed.metrics[:, b],
+                                 None if computed.baselines is None
+                                 else computed.baselines[:, b]))
         return job, row
 
 
 _OUT_OF_MEMORY = "out of memory"
 CLASS_INDEPENDENT = ("eigencam",)  # methods whose map is the same for every class
+
+
+METRICS_SEED = 20221  # ROAD's noise and the random baseline map: seeded per image index
+
+
+def _seeded(index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(METRICS_SEED + index)
 
 
 def quantise(maps: torch.Tensor) -> torch.Tensor:

@@ -36,12 +36,16 @@ def atomic_path(path: Path) -> Iterator[Path]:
             temporary.unlink()
 
 
-METRICS = ("deletion", "insertion", "drop", "increase")
+METRICS = ("deletion", "insertion", "drop", "increase", "road_morf", "road_lerf", "road")
+# With --metrics, the same measures for maps that carry no information, on the first panel's
+# class (metrics.BASELINE_MAPS): a method's map should beat both.
+BASELINE_TAGS = ("random", "gaussian")
 
 
 def summary_header(ranks: list[str], tags: list[str], metrics: bool) -> list[str]:
     """index, path, folder_label, a label and probability per panel, figures, then each map's
-    raw peak per layer and, with --metrics, its four faithfulness numbers."""
+    raw peak per figure tag and, with --metrics, its faithfulness numbers (``METRICS``),
+    then those of the baseline maps for the first panel (``BASELINE_TAGS``)."""
     columns = (["index", "path", "folder_label"]
                + [f"{rank}{suffix}" for rank in ranks for suffix in ("", "_prob")]
                + ["figures"]
@@ -49,6 +53,7 @@ def summary_header(ranks: list[str], tags: list[str], metrics: bool) -> list[str
     if metrics:
         columns += [f"{rank}_{metric}_{tag}" for tag in tags for rank in ranks
                     for metric in METRICS]
+        columns += [f"{ranks[0]}_{metric}_{tag}" for tag in BASELINE_TAGS for metric in METRICS]
     return columns
 
 
@@ -62,11 +67,14 @@ def summary_row(index: int, relative: str, folder_label: str | None, labels: lis
     return [str(index), relative, folder_label or ""] + pairs + [";".join(figures)] + extras
 
 
-def extra_values(peaks: np.ndarray, metrics: np.ndarray | None) -> list[str]:
-    """(L, K) peaks, then (L, K, 4) metrics, in summary_header's order."""
+def extra_values(peaks: np.ndarray, metrics: np.ndarray | None,
+                 baselines: np.ndarray | None = None) -> list[str]:
+    """(V, K) peaks, then (V, K, M) metrics and (2, M) baseline metrics, in summary_header's
+    order."""
     values = [f"{v:.6g}" for v in np.asarray(peaks).reshape(-1)]
-    if metrics is not None:
-        values += [f"{v:.6g}" for v in np.asarray(metrics).reshape(-1)]
+    for block in (metrics, baselines):
+        if block is not None:
+            values += [f"{v:.6g}" for v in np.asarray(block).reshape(-1)]
     return values
 
 

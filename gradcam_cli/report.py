@@ -60,6 +60,9 @@ class ReportInfo:
     head: str = "softmax"
     threshold: float = 0.5
     methods: list[str] = field(default_factory=list)  # each figure's method, as ``layers``
+    means_note: str = ""  # --metrics: each figure's mean faithfulness beside the baselines
+    means_header: list[str] = field(default_factory=list)
+    means_rows: list[list[str]] = field(default_factory=list)
     sanity: str = ""  # the sanity check's line (--sanity_check), and its table
     sanity_header: list[str] = field(default_factory=list)
     sanity_rows: list[list[str]] = field(default_factory=list)
@@ -92,6 +95,25 @@ def run_info(signature: dict, labels: list[str], n_images: int,
                       head=str(options.get("head", "softmax")),
                       threshold=float(options.get("threshold", 0.5)),
                       settings=shown, finished=finished, stopped=stopped)
+
+
+MEANS_COLUMNS = (("deletion", "deletion AUC \u2193"), ("insertion", "insertion AUC \u2191"),
+                 ("drop", "average drop % \u2193"), ("increase", "increase % \u2191"),
+                 ("road", "ROAD \u2191"), ("road_morf", "ROAD MoRF \u2193"),
+                 ("road_lerf", "ROAD LeRF \u2191"))
+
+
+def means_table(means) -> tuple[str, list[str], list[list[str]]]:
+    """The report's faithfulness table: a row per figure, then the baseline maps."""
+    def cells(values: dict[str, float]) -> list[str]:
+        scale = {"increase": 100.0}
+        return [f"{values[key] * scale.get(key, 1.0):.4g}" for key, _ in MEANS_COLUMNS]
+    rows = [[tag, *cells(values)] for tag, values in means.by_tag.items()]
+    rows += [[f"baseline: {tag} map", *cells(values)] for tag, values in means.baselines.items()]
+    note = (f"Means over the maps of {', '.join(means.ranks)}. A map that does not beat the "
+            f"random map is at chance level; one that beats it but not the centred Gaussian "
+            f"says little more than 'look at the middle'.")
+    return note, ["figure", *[title for _, title in MEANS_COLUMNS]], rows
 
 
 def _default_classes(options: dict, labels: list[str]) -> str:
@@ -141,9 +163,10 @@ class RunReport:
         self._last = time.monotonic()
 
     def write(self, rows: list[list[str]], skipped: list[tuple[str, str]],
-              finished: bool = True, stopped: str = "", sanity=None) -> None:
+              finished: bool = True, stopped: str = "", sanity=None, means=None) -> None:
         """Write the page for these rows now (with ``sanity``, a
-        ``sanity_run.SanitySummary``, the sanity check's verdict and table)."""
+        ``sanity_run.SanitySummary``, the sanity check's verdict and table; with ``means``,
+        a ``summary.MetricMeans``, each figure's mean faithfulness beside the baselines')."""
         binary = self.signature.get("options", {}).get("head") == "binary"
         threshold = self.signature.get("options", {}).get("threshold", 0.5)
         accuracy = outputs.accuracy(rows, self.labels, self.top,
@@ -153,6 +176,8 @@ class RunReport:
         if sanity is not None:
             info.sanity, info.sanity_header, info.sanity_rows = \
                 sanity.line, sanity.header, sanity.rows
+        if means is not None:
+            info.means_note, info.means_header, info.means_rows = means_table(means)
         try:
             write_report(self.save_dir, self.header, rows, info)
         except OSError as error:

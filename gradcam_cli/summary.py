@@ -95,15 +95,14 @@ def _write_summary_and_report(plan: RunPlan, total: RunResult, sanity=None) -> R
         _say_stopped(plan, total.stop, total.processed + total.already_done, len(plan.entries),
                      "the rows are kept for --skip_existing")
         return total
-    if plan.options.metrics:
-        ranks = ["top1"] if classes.is_top else classes.ranks
-        print_metric_means(outputs.metric_means(merged, header, settings.tags, ranks), plan,
-                           len(merged), ranks)
+    means = metric_means(plan, merged) if plan.options.metrics else None
+    if means is not None:
+        print_metric_means(means, plan, len(merged))
     print_accuracy(merged, plan, classes)
     if sanity is not None:
         print(sanity.line)
     if settings.report:
-        run_report(plan).write(merged, total.skipped, sanity=sanity)
+        run_report(plan).write(merged, total.skipped, sanity=sanity, means=means)
     done = f", {total.already_done} already done" if total.already_done else ""
     print(f"processed {total.processed} image(s), skipped {total.unreadable}{done}; "
           f"figures in {settings.save_dir}")
@@ -176,17 +175,48 @@ def print_accuracy(rows: list[list[str]], plan: RunPlan, classes: ClassPlan) -> 
         print(f"{where}: top-1 {scores[0]:.1%}, top-{classes.top} {scores[1]:.1%}")
 
 
-def print_metric_means(means: dict[str, dict[str, float]], plan: RunPlan, n_images: int,
-                       ranks: list[str]) -> None:
-    """One line per layer: the method's mean faithfulness over the run's maps of ``ranks``
-    (the predicted class's maps by default, as the papers report them)."""
+@dataclass(frozen=True)
+class MetricMeans:
+    """The run's mean faithfulness per figure tag and per baseline map, over the maps of
+    ``ranks`` (the predicted class's, as the papers report them; every panel with
+    --classes); the baselines over the first panel's maps."""
+
+    ranks: list[str]
+    by_tag: dict[str, dict[str, float]]
+    baselines: dict[str, dict[str, float]]
+
+
+def metric_means(plan: RunPlan, rows: list[list[str]]) -> MetricMeans:
+    classes = ClassPlan(plan.options)
+    ranks = ["top1"] if classes.is_top else classes.ranks[:1] if classes.binary \
+        else classes.ranks
+    header = summary_header(plan)
+    return MetricMeans(ranks, outputs.metric_means(rows, header, plan.settings.tags, ranks),
+                       outputs.metric_means(rows, header, list(outputs.BASELINE_TAGS),
+                                            classes.ranks[:1]))
+
+
+BASELINE_NAMES = {"random": "random map", "gaussian": "centred Gaussian"}
+
+
+def describe_means(values: dict[str, float]) -> str:
+    """One line's numbers: deletion and insertion AUC, average drop, increase, ROAD."""
+    return (f"deletion AUC {values['deletion']:.4f}, insertion AUC {values['insertion']:.4f}, "
+            f"average drop {values['drop']:.1f}%, increase in confidence "
+            f"{100 * values['increase']:.1f}%, ROAD {values['road']:.4f} (MoRF "
+            f"{values['road_morf']:+.4f}, LeRF {values['road_lerf']:+.4f})")
+
+
+def print_metric_means(means: MetricMeans, plan: RunPlan, n_images: int) -> None:
+    """One line per figure, then one per baseline map, so a reader sees at once whether a
+    method's maps beat maps that carry no information."""
     options = plan.options
     kind = "counterfactual " if options.counterfactual else ""
     print(f"faithfulness of {kind}{', '.join(options.methods)} over {n_images} image(s), "
-          f"maps of "
-          f"{', '.join(ranks)} (deletion AUC: lower is better; insertion AUC: higher is "
-          f"better):")
-    for tag, values in means.items():
-        print(f"  {tag}: deletion AUC {values['deletion']:.4f}, insertion AUC "
-              f"{values['insertion']:.4f}, average drop {values['drop']:.1f}%, "
-              f"increase in confidence {100 * values['increase']:.1f}%")
+          f"maps of {', '.join(means.ranks)} (lower is better for deletion AUC, average drop "
+          f"and ROAD MoRF; higher for insertion AUC, increase, ROAD and ROAD LeRF):")
+    width = max(len(name) for name in [*means.by_tag, *BASELINE_NAMES.values()])
+    for tag, values in means.by_tag.items():
+        print(f"  {tag:<{width}}  {describe_means(values)}")
+    for tag, values in means.baselines.items():
+        print(f"  {BASELINE_NAMES[tag]:<{width}}  {describe_means(values)}")

@@ -136,8 +136,11 @@ def test_counterfactual_maps_are_the_negated_gradient_maps(tmp_path: Path, capsy
     assert (a * b == 0).mean() > 0.5  # where one is positive the other is mostly clipped
 
 
+@pytest.mark.slow
 def test_metrics_columns_and_means(tmp_path: Path, capsys) -> None:
-    """--metrics fills four numbers per map and prints the top-1 means per layer."""
+    """--metrics fills seven numbers per map (deletion, insertion, drop, increase, ROAD's
+    MoRF, LeRF and their combination), the same for a random and a centred Gaussian map on
+    the top-1 class, and prints the top-1 means per figure beside the baselines' means."""
     code, out, err = run(capsys, "--n_images", "2", "--metrics", "--save_dir", tmp_path)
     assert code == 0, err
     rows = read_summary(tmp_path)
@@ -146,6 +149,20 @@ def test_metrics_columns_and_means(tmp_path: Path, capsys) -> None:
     assert all(0 <= v <= 1 for v in deletions + insertions)
     assert all(r["top1_increase_layer1"] in ("0", "1") for r in rows)
     assert f"deletion AUC {np.mean(deletions):.4f}" in out
+    for tag in ("layer1", "random", "gaussian"):
+        for row in rows:
+            morf, lerf = float(row[f"top1_road_morf_{tag}"]), float(row[f"top1_road_lerf_{tag}"])
+            assert float(row[f"top1_road_{tag}"]) == pytest.approx((lerf - morf) / 2, abs=2e-6)
+    random_deletion = np.mean([float(r["top1_deletion_random"]) for r in rows])
+    (line,) = [text for text in out.splitlines() if text.strip().startswith("random map")]
+    assert f"deletion AUC {random_deletion:.4f}" in line
+    assert any(text.strip().startswith("centred Gaussian") for text in out.splitlines())
+    import json
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    info = json.loads(page.split('id="report-data">')[1].split("</script>")[0])["info"]
+    assert [row[0] for row in info["means_rows"]] == [
+        "layer1", "baseline: random map", "baseline: gaussian map"]
+    assert info["means_rows"][1][1] == f"{random_deletion:.4g}"
 
 
 def test_guided_adds_a_second_row(tmp_path: Path, capsys) -> None:

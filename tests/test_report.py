@@ -183,14 +183,18 @@ def test_a_classes_run_counts_each_image_once_and_judges_none():
 def test_unknown_folders_are_not_judged_and_metrics_columns_are_found():
     header = outputs.summary_header(["top1", "top2", "top3", "lowest"], ["layer1"], True)
     row = (["0", "x.jpg", "", "cat", "nan", "dog", "0.2", "cow", "0.1", "ant", "0.0",
-            "image0.jpg"] + ["1"] * 4 + ["nan", "inf", "0.5", "1"] * 4)
+            "image0.jpg"] + ["1"] * 4 + ["nan", "inf", "0.5", "1", "-0.2", "0.1", "0.15"] * 4
+           + ["0"] * 14)
     info = report.ReportInfo("m", [("layer1", "conv")], "gradcam", 1,
                              ["cat", "dog", "cow", "ant"], metrics=True)
     data = report.page_data(header, [row], info)
     assert data["folder"] == [-1] and data["right"] == [-1] and data["right_k"] == [-1]
     assert data["metrics"] == ["top1_deletion_layer1", "top1_insertion_layer1",
-                               "top1_drop_layer1", "top1_increase_layer1"]
-    assert data["metric"] == [["nan"], ["inf"], ["0.5"], ["1"]] and data["classes"] == []
+                               "top1_drop_layer1", "top1_increase_layer1",
+                               "top1_road_morf_layer1", "top1_road_lerf_layer1",
+                               "top1_road_layer1"]
+    assert data["metric"] == [["nan"], ["inf"], ["0.5"], ["1"], ["-0.2"], ["0.1"], ["0.15"]]
+    assert data["classes"] == [] and len(row) == len(header)
 
 
 def test_no_report_flag(tmp_path):
