@@ -58,8 +58,8 @@ from gradcam_cli.gradcam import (  # noqa: E402
     grad_cam,
     top_and_lowest,
 )
-from gradcam_cli.models import BUILTIN_MODEL, load_model  # noqa: E402
 from gradcam_cli.images import list_images, load_rgb  # noqa: E402
+from gradcam_cli.models import BUILTIN_MODEL, load_model  # noqa: E402
 from gradcam_cli.preprocessing import IMAGENET_PREPROCESSING, prepare_image  # noqa: E402
 
 

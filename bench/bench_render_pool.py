@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_figures import workload  # noqa: E402
+
 from gradcam_cli.figures import format_probability  # noqa: E402
 from gradcam_cli.handover import FigureJob, ImageJob  # noqa: E402
 from gradcam_cli.render_pool import start_renderer  # noqa: E402

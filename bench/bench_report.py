@@ -27,8 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gradcam_cli import outputs  # noqa: E402
-from gradcam_cli import report  # noqa: E402
+from gradcam_cli import outputs, report
 from gradcam_cli.labels import IMAGENET_LABELS_PATH, read_labels  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"

@@ -2,7 +2,8 @@
 
 For each architecture of ``torchvision.models.list_models(module=torchvision.models)``: build it
 with random weights (nothing is downloaded; a head that torchvision starts at zero, as in ViT,
-gets small random weights so that the maps can show something), ``torch.save`` the whole model, then run
+gets small random weights so that the maps can show something), ``torch.save`` the whole
+model, then run
 
     python main.py --model_path FILE --n_images 2 --images_path data --save_dir DIR --quiet
 

@@ -28,8 +28,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "report.png"))
     parser.add_argument("--hash", default="", help="a view to show, e.g. filter=wrong")
     args = parser.parse_args()
-    from gradcam_cli import cli as tool
     from playwright.sync_api import sync_playwright
+
+    from gradcam_cli import cli as tool
 
     os.chdir(ROOT)  # so the page shows the images folder as "data"
     with tempfile.TemporaryDirectory() as folder:

@@ -14,7 +14,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
@@ -56,8 +55,8 @@ class BatchRun:
                                    score_progress(quiet))
         self.progress = Progress(len(self.mine), quiet)
         self.pending: dict[int, _Pending] = {}  # image index -> its row, logged once written
-        self.summary_log: Optional[outputs.SummaryLog] = None
-        self.live_report: Optional[report.RunReport] = None
+        self.summary_log: outputs.SummaryLog | None = None
+        self.live_report: report.RunReport | None = None
 
     def run(self) -> RunResult:
         """Explain this process's share; returns what happened to it."""
@@ -163,7 +162,7 @@ class BatchRun:
                   f"image again", file=sys.stderr)
         return mine
 
-    def _start_writing(self) -> Optional[report.RunReport]:
+    def _start_writing(self) -> report.RunReport | None:
         """Make save_dir this run's: an earlier run's row logs go (unless resumed), its
         signature is recorded and summary.csv's room held; returns the live report (first
         process only)."""
@@ -217,7 +216,7 @@ class _Pending:
             return False
 
 
-def _as_stop(stop: BaseException) -> Optional[BaseException]:
+def _as_stop(stop: BaseException) -> BaseException | None:
     """What a run stops for: a fault, a signal, a dead decode process; None for a bug."""
     if isinstance(stop, (KeyboardInterrupt, faults.Terminated, faults.RunFault)):
         return stop

@@ -11,24 +11,23 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import outputs
+from . import faults, outputs
 from .cam_methods import METHODS
-from .gradcam import explain_methods, top_and_lowest, upsample_and_normalize
-from . import faults
 from .faults import RunFault
-from .settings import ExplainOptions
-from .targets import Target, View, views_of
 from .figures import format_probability, guided_to_rgb
+from .gradcam import explain_methods, top_and_lowest, upsample_and_normalize
 from .handover import FigureJob, ImageJob
 from .heads import HEADS
 from .images import ImageEntry
 from .labels import first_name
+from .settings import ExplainOptions
+from .targets import Target, View, views_of
+
 
 class ClassPlan:
     """Which classes the panels of every image explain, and how their titles read.
@@ -60,7 +59,7 @@ class ClassPlan:
         return self.fixed is None and not self.binary
 
     @property
-    def accuracy_top(self) -> Optional[int]:
+    def accuracy_top(self) -> int | None:
         """The k of the run's top-k accuracy: 1 for a binary model, None with --classes."""
         if self.binary:
             return 1
@@ -91,7 +90,7 @@ class ClassPlan:
                 for rank, p in zip(self.ranks, probabilities)]
 
     def titles(self, labels: list[str], classes: list[int], probabilities: list[float],
-               truth_known: bool, peaks: Optional[list[float]] = None) -> list[str]:
+               truth_known: bool, peaks: list[float] | None = None) -> list[str]:
         """'1. tabby 16.1%', 'lowest: ...', 'true: ...'; 'against' marks counterfactuals."""
         titles = []
         for rank, c, p in zip(self.ranks, classes, probabilities):
@@ -153,10 +152,10 @@ class _Computed:
     probabilities: np.ndarray          # (B, K)
     maps: np.ndarray                   # (L, B, K, H, W) uint8 colour indices
     peaks: np.ndarray                  # (L, B, K) raw peaks
-    raw: Optional[list[np.ndarray]]    # L x (B, K, h, w) raw maps, with --save_raw
-    guided: Optional[np.ndarray]       # (L, B, K, H, W, 3) uint8, with --guided
-    metrics: Optional[np.ndarray]      # (L, B, K, M), with --metrics (outputs.METRICS)
-    baselines: Optional[np.ndarray] = None  # (2, B, M): the baseline maps, first panel
+    raw: list[np.ndarray] | None    # L x (B, K, h, w) raw maps, with --save_raw
+    guided: np.ndarray | None       # (L, B, K, H, W, 3) uint8, with --guided
+    metrics: np.ndarray | None      # (L, B, K, M), with --metrics (outputs.METRICS)
+    baselines: np.ndarray | None = None  # (2, B, M): the baseline maps, first panel
 
 
 class Explainer:
@@ -227,7 +226,7 @@ class Explainer:
                 outcome.failed.append((entry, problem))
 
     def _attempt(self, entries: list[ImageEntry],
-                 inputs: torch.Tensor) -> tuple[Optional[_Computed], Optional[str]]:
+                 inputs: torch.Tensor) -> tuple[_Computed | None, str | None]:
         """(results, None), or (None, why) when the model raised or memory ran out. Nothing
         of a failed attempt is kept (no tensor, no traceback), so its memory is freed."""
         try:

@@ -17,8 +17,8 @@ import shlex
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 from .errors import program
 
@@ -72,7 +72,7 @@ def is_helper_death(error: BaseException) -> bool:
                                                    for words in LOADER_DEATH_WORDS)
 
 
-def decode_fault(error: BaseException) -> Optional[str]:
+def decode_fault(error: BaseException) -> str | None:
     """The reason, in torch's last line, when a decode process raised because of the machine
     (shared memory, memory, an OS error), which the DataLoader re-raises here as "Caught X in
     DataLoader worker process N" with the process's traceback; None for anything else raised
@@ -100,14 +100,14 @@ class Terminated(BaseException):
         self.signum = signum
 
 
-_HANGUP: Optional[int] = getattr(signal, "SIGHUP", None)  # none on Windows
+_HANGUP: int | None = getattr(signal, "SIGHUP", None)  # none on Windows
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((_HANGUP,) if _HANGUP is not None else ())
 
 
 class _State:
     deferred = 0
-    pending: Optional[int] = None
-    received: Optional[int] = None
+    pending: int | None = None
+    received: int | None = None
     complete = False
     ignored_from_start: set[int] = set()  # see ignore_stop_signals
     handled: tuple[int, ...] = ()  # the signals stop_signals handles
@@ -168,7 +168,7 @@ def run_complete() -> None:
     _State.pending = None
 
 
-def signal_received() -> Optional[int]:
+def signal_received() -> int | None:
     """The stop signal this process got, if any (a dying helper may be a side effect of it)."""
     return _State.received
 
@@ -338,13 +338,13 @@ def remove_temporaries(folders: list[Path], pids: list[int]) -> None:
                     path.unlink()
 
 
-def resume_command(argv: Optional[list[str]]) -> str:
+def resume_command(argv: list[str] | None) -> str:
     """The command that started this run, shell-quoted, with --skip_existing added.
 
     Under torchrun it is the launcher's own command line (read from /proc), since that is
     what the user typed; the installed command is ``gradcam ...``; otherwise the
     interpreter's original argv (``python main.py ...``)."""
-    words: Optional[list[str]] = None
+    words: list[str] | None = None
     if os.environ.get("TORCHELASTIC_RUN_ID") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         words = _launcher_command()
     installed = program() == "gradcam"
@@ -360,7 +360,7 @@ def resume_command(argv: Optional[list[str]]) -> str:
     return shlex.join(words)
 
 
-def _launcher_command() -> Optional[list[str]]:
+def _launcher_command() -> list[str] | None:
     try:
         raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
     except OSError:

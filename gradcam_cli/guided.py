@@ -45,8 +45,9 @@ too), the new tensor is returned instead and the original is left unchanged.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

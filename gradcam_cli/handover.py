@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,10 +26,10 @@ class DecodedBatch:
     each file that did not decode."""
 
     positions: list[int]
-    shown: Optional["torch.Tensor"]
+    shown: torch.Tensor | None
     failed: list[tuple[int, str]]
 
-    def pin_memory(self) -> "DecodedBatch":
+    def pin_memory(self) -> DecodedBatch:
         """The DataLoader's hook for custom batches (pin_memory=True on CUDA)."""
         return replace(self, shown=None if self.shown is None else self.shown.pin_memory())
 
@@ -42,7 +42,7 @@ class FigureJob:
     maps: np.ndarray                  # (K, H, W) uint8: round(map * 255), as the overlay uses
     titles: list[str]
     heading: str
-    guided: Optional[np.ndarray] = None   # (K, H, W, 3) uint8: the Guided Grad-CAM row
+    guided: np.ndarray | None = None   # (K, H, W, 3) uint8: the Guided Grad-CAM row
 
 
 @dataclass
@@ -54,10 +54,10 @@ class ImageJob:
     shown: np.ndarray                 # (H, W, 3) uint8: the image as the model saw it
     layout: tuple[int, int, bool]     # FigureWriter's (n_maps, panel, guided_row)
     figures: list[FigureJob]
-    raw_path: Optional[Path] = None
+    raw_path: Path | None = None
     raw_maps: dict[str, np.ndarray] = field(default_factory=dict)
-    classes: Optional[np.ndarray] = None
-    probabilities: Optional[np.ndarray] = None
+    classes: np.ndarray | None = None
+    probabilities: np.ndarray | None = None
 
     def paths(self) -> list[Path]:
         """Every file this job writes."""

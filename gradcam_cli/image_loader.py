@@ -21,9 +21,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 

@@ -170,8 +170,8 @@ def run_signature(args: argparse.Namespace, targets: list, options, n_images: in
 def run(args: argparse.Namespace, resume_command: str = "") -> int:
     """Start the render processes, load, discover layers, then explain every selected image;
     returns the exit code."""
-    from .render_pool import start_renderer
     from .images import list_images
+    from .render_pool import start_renderer
 
     entries = select_images(list_images(args.images_path), args.n_images) \
         if not args.list_layers else []
@@ -201,12 +201,12 @@ def explain_images(args: argparse.Namespace, entries: list, workers: int, render
         import torch  # (SIGABRT from C++, once in about 100 Ctrl-Cs there): it waits a second
 
     from .batch_run import BatchRun
-    from .settings import ExplainOptions, RunPlan, RunSettings
-    from .summary import finish
-    from .targets import pick_targets, print_layers, views_of
     from .gradcam import layers_in_run_order
     from .heads import OutputError
     from .models import SizeError, load_model
+    from .settings import ExplainOptions, RunPlan, RunSettings
+    from .summary import finish
+    from .targets import pick_targets, print_layers, views_of
     from .torchrun_group import Distributed
 
     dist = Distributed()

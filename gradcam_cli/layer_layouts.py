@@ -34,7 +34,6 @@ import math
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -115,16 +114,16 @@ class LayoutTracer:
         self.image = (images.shape[-2], images.shape[-1])
         self.known_grids: set[tuple[int, int]] = {self.image}
         self._tensors: dict[int, tuple[weakref.ref, Layout]] = {}
-        self._by_module: dict[int, Optional[Layout]] = {}
+        self._by_module: dict[int, Layout | None] = {}
         self._remember(images, Layout(CHANNELS_FIRST, self.image, images.shape[1]))
 
     def __call__(self, index: int, module: nn.Module, inputs, output) -> None:
         self.observe(module, inputs, output)
 
-    def layout_of(self, module: nn.Module) -> Optional[Layout]:
+    def layout_of(self, module: nn.Module) -> Layout | None:
         return self._by_module.get(id(module))
 
-    def observe(self, module: nn.Module, inputs, output) -> Optional[Layout]:
+    def observe(self, module: nn.Module, inputs, output) -> Layout | None:
         """Decide, remember and return the layout of one call's output."""
         layout = None
         if isinstance(output, torch.Tensor) and output.dim() in (3, 4) \
@@ -144,7 +143,7 @@ class LayoutTracer:
     # ------------------------------------------------------------------ evidence
 
     def _four_d(self, module: nn.Module, known_inputs, output: torch.Tensor
-                ) -> Optional[Layout]:
+                ) -> Layout | None:
         shape = tuple(output.shape)
         if channels_first_by_type(module):  # defined by the operation: no grid check
             return _reading(CHANNELS_FIRST, shape)
@@ -194,7 +193,7 @@ class LayoutTracer:
                 found |= {kind for kind, order in axes.items() if order == moved} or {"other"}
         return found or {"unknown"}
 
-    def _tokens(self, known_inputs, output: torch.Tensor) -> Optional[Layout]:
+    def _tokens(self, known_inputs, output: torch.Tensor) -> Layout | None:
         shape = tuple(output.shape)
         same = self._label(output)
         if same is not None:
@@ -213,7 +212,7 @@ class LayoutTracer:
                 found.append(Layout(TOKENS, grid, width, special))
         return found[0] if len(found) == 1 else None
 
-    def _grid_of(self, n_patches: int) -> Optional[tuple[int, int]]:
+    def _grid_of(self, n_patches: int) -> tuple[int, int] | None:
         """The grid of ``n_patches`` tokens: one seen before, or the image's shape at a whole
         stride; at least 2 x 2."""
         if n_patches < 4:
@@ -247,7 +246,7 @@ class LayoutTracer:
     def _remember(self, tensor: torch.Tensor, layout: Layout) -> None:
         self._tensors[id(tensor)] = (weakref.ref(tensor), layout)
 
-    def _label(self, tensor: torch.Tensor) -> Optional[Layout]:
+    def _label(self, tensor: torch.Tensor) -> Layout | None:
         entry = self._tensors.get(id(tensor))
         if entry is None or entry[0]() is not tensor:
             return None

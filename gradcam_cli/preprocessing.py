@@ -36,7 +36,7 @@ class Preprocessing:
     crop_offset: str = "round"
     bgr: bool = False
 
-    def with_crop(self, crop: int) -> "Preprocessing":
+    def with_crop(self, crop: int) -> Preprocessing:
         """The same preprocessing for another crop size, the resize scaled with it."""
         return replace(self, crop=crop, resize=round(crop * self.resize / self.crop))
 

@@ -20,10 +20,8 @@ import queue
 import signal
 import time
 from pathlib import Path
-from typing import Optional
 
-from . import faults
-from . import outputs
+from . import faults, outputs
 from .figures import FigureWriter, show_figure
 from .handover import ImageJob
 
@@ -50,7 +48,7 @@ def render_image(job: ImageJob, writers: dict, show: bool = False) -> None:
 
 
 def rendering_problem(job: ImageJob, writers: dict, who: str, show: bool = False
-                      ) -> Optional[str]:
+                      ) -> str | None:
     """Render ``job``: None once its files are written, else why not, in one line. A figure
     that cannot be drawn stops the run by name, in a render process or inline alike."""
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .images import ImageEntry
@@ -20,13 +20,13 @@ class ExplainOptions:
     methods: tuple[str, ...] = ("gradcam",)
     counterfactual: bool = False
     guided: bool = False
-    classes: Optional[tuple[int, ...]] = None
+    classes: tuple[int, ...] | None = None
     true_class: bool = False
     shared_scale: bool = False
     metrics: bool = False
     score_batch_size: int = 64
     n_classes: int = 1000
-    smooth: Optional[str] = None  # None, "aug", "eigen" or "aug+eigen" (explain_methods)
+    smooth: str | None = None  # None, "aug", "eigen" or "aug+eigen" (explain_methods)
     head: str = "softmax"      # heads.HEADS: softmax, sigmoid (multi-label) or binary
     threshold: float = 0.5     # multi-label: a class is shown at or above this probability
     max_panels: int = 3        # the top classes shown before the lowest

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Optional
 
 from . import faults, outputs, report
 from .errors import program
@@ -27,7 +26,7 @@ class RunResult:
     rows: list[list[str]] = field(default_factory=list)
     resumed: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    stop: Optional[BaseException] = None
+    stop: BaseException | None = None
 
 
 def summary_header(plan: RunPlan) -> list[str]:
@@ -37,14 +36,14 @@ def summary_header(plan: RunPlan) -> list[str]:
 
 
 def wanted_rows(plan: RunPlan, rows: dict[int, list[str]],
-                width: Optional[int] = None) -> dict[int, list[str]]:
+                width: int | None = None) -> dict[int, list[str]]:
     """The rows that belong to this run's images (same index, same file), of full width."""
     wanted = {entry.index: entry.relative for entry in plan.entries}
     return {i: row for i, row in rows.items() if wanted.get(i) == row[1]
             and (width is None or len(row) == width)}
 
 
-def run_report(plan: RunPlan) -> Optional[report.RunReport]:
+def run_report(plan: RunPlan) -> report.RunReport | None:
     """The run's report.html writer; None with --no_report."""
     if not plan.settings.report:
         return None

@@ -6,7 +6,6 @@ from __future__ import annotations
 import difflib
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 from torch import nn
 
@@ -22,7 +21,7 @@ class Target:
     tag: str
     name: str
     module: nn.Module
-    backcount: Optional[int] = None
+    backcount: int | None = None
     transformer_default: bool = False
 
     def describe(self) -> str:

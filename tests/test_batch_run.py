@@ -12,13 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from gradcam_cli import batch_run
-from gradcam_cli import image_loader
-from gradcam_cli import cli
-from gradcam_cli import render_pool, summary
+from gradcam_cli import batch_run, cli, image_loader, render_pool, summary
 from gradcam_cli.gradcam import conv_layers_in_run_order, grad_cam, top_and_lowest
-from gradcam_cli.models import load_model
 from gradcam_cli.images import list_images, load_rgb
+from gradcam_cli.models import load_model
 from gradcam_cli.preprocessing import Preprocessing, normalize, prepare_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,7 +179,8 @@ def test_plain_progress_lines_without_a_terminal(tmp_path: Path, monkeypatch, ca
     monkeypatch.setattr(batch_run.Progress, "PLAIN_EVERY_S", 0.0)
     assert cli.main(["--images_path", str(DATA), "--n_images", "all", "--batch_size", "2",
                       "--workers", "0", "--save_dir", str(tmp_path)]) == 0
-    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("progress:")]
+    lines = [text for text in capsys.readouterr().err.splitlines()
+             if text.startswith("progress:")]
     assert lines[-1].startswith("progress: 5/5 images") and "images/s" in lines[-1]
     assert run_cli("--n_images", "all", "--save_dir", str(tmp_path)) == 0
     assert "progress:" not in capsys.readouterr().err

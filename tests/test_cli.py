@@ -23,8 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gradcam_cli import cli, launch
-from gradcam_cli import torchrun_group
+from gradcam_cli import cli, launch, torchrun_group
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"

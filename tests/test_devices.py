@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from gradcam_cli.gradcam import conv_layers_in_run_order, explain, top_and_lowest
-from gradcam_cli.models import load_model
 from gradcam_cli.images import list_images, load_rgb
+from gradcam_cli.models import load_model
 from gradcam_cli.preprocessing import prepare_image
 
 DATA = Path(__file__).resolve().parent.parent / "data"

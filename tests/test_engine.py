@@ -8,7 +8,7 @@ under changes that must not matter (batching, freezing, in-place activations, cl
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -16,8 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18, vgg11
 
-from gradcam_cli.gradcam import (ConvLayer, conv_layers_in_run_order, eval_mode, grad_cam, normalize_maps,
-                     top_and_lowest)
+from gradcam_cli.gradcam import (
+    ConvLayer,
+    conv_layers_in_run_order,
+    eval_mode,
+    grad_cam,
+    normalize_maps,
+    top_and_lowest,
+)
 
 # --------------------------------------------------------------------------------------------
 # An independent, naive Grad-CAM (the reference)

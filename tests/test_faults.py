@@ -22,16 +22,15 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from gradcam_cli import cli
-from gradcam_cli import outputs
+from gradcam_cli import cli, outputs
 from gradcam_cli.explainer import quantise
 from gradcam_cli.figures import FigureWriter
 
@@ -728,8 +727,7 @@ def test_out_of_memory_halves_the_batch(tiny_model: Path, images: Path, tmp_path
                                         monkeypatch) -> None:
     """A (faked) CUDA OOM for batches over 2: one line, then batches of 2, for the metrics'
     and Score-CAM's passes too; the outputs equal --batch_size 2 from the start."""
-    from gradcam_cli import explainer
-    from gradcam_cli import metrics
+    from gradcam_cli import explainer, metrics
     engine, measure = explainer.explain_methods, metrics.faithfulness
     sizes = {"engine": [], "score": [], "metrics": []}
 

@@ -505,8 +505,8 @@ def test_guided_grad_cam_values() -> None:
 
 
 def test_builtin_model_on_a_photo() -> None:
-    from gradcam_cli.models import load_model
     from gradcam_cli.images import list_images, load_rgb
+    from gradcam_cli.models import load_model
     from gradcam_cli.preprocessing import prepare_image
     loaded_model = load_model(None)
     model, preprocessing = loaded_model.model, loaded_model.preprocessing

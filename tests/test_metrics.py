@@ -358,8 +358,8 @@ def test_grad_cam_deletes_faster_than_random_maps_on_photos() -> None:
     Grad-CAM's pixels first must make the probability fall faster.
     """
     from gradcam_cli.gradcam import conv_layers_in_run_order, grad_cam
-    from gradcam_cli.models import load_model
     from gradcam_cli.images import list_images, load_rgb
+    from gradcam_cli.models import load_model
     from gradcam_cli.preprocessing import prepare_image
 
     loaded_model = load_model(None)

@@ -29,12 +29,11 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from gradcam_cli import cli, launch
-from gradcam_cli import models
-from gradcam_cli.models import builtin, torchvision_models
+from gradcam_cli import cli, launch, models
 from gradcam_cli.errors import InputError
 from gradcam_cli.images import load_rgb
 from gradcam_cli.labels import IMAGENET_LABELS_PATH, default_labels, first_name, read_labels
+from gradcam_cli.models import builtin, torchvision_models
 from gradcam_cli.preprocessing import IMAGENET_PREPROCESSING, Preprocessing, prepare_image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -296,7 +295,8 @@ def test_a_model_of_torch_nn_layers_loads_without_importing_torchvision(
                              nn.Flatten(), nn.Linear(4, 10))
     path = tmp_path / "plain.pt"
     torch.save(original, path)
-    code = ("import sys, torch; from gradcam_cli import models; model = models.load_model(sys.argv[1]).model; "
+    code = ("import sys, torch; from gradcam_cli import models; "
+            "model = models.load_model(sys.argv[1]).model; "
             "print(sum(float(p.sum()) for p in model.parameters()), "
             "any(name.split('.')[0] == 'torchvision' for name in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT,

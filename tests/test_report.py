@@ -19,9 +19,7 @@ from urllib.parse import quote
 
 import pytest
 
-from gradcam_cli import cli
-from gradcam_cli import outputs
-from gradcam_cli import report
+from gradcam_cli import cli, outputs, report
 from gradcam_cli.labels import read_labels
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,8 +10,8 @@ seed; one image each, to stay fast on two cores.
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -255,7 +255,8 @@ def test_ambiguous_layout_is_refused(tmp_path: Path, capsys: pytest.CaptureFixtu
     folder = tmp_path / "images"
     folder.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "a.png")
-    code = cli.main(["--model_path", str(path), "--trust_model", "--layer", "mix", "--images_path", str(folder),
+    code = cli.main(["--model_path", str(path), "--trust_model", "--layer", "mix",
+                      "--images_path", str(folder),
                       "--save_dir", str(tmp_path / "out"), "--device", "cpu", "--crop", "32",
                       "--resize", "32"])
     err = capsys.readouterr().err
@@ -395,8 +396,7 @@ def test_timm_vit_map_equals_the_hand_reshape(image: torch.Tensor) -> None:
 def test_later_batches_reuse_the_layouts(monkeypatch: pytest.MonkeyPatch) -> None:
     """The layout pass runs once per model, input shape and targets; the next batch of the
     same run reuses it and gets the same maps as a fresh pass."""
-    from gradcam_cli import gradcam
-    from gradcam_cli import layer_layouts
+    from gradcam_cli import gradcam, layer_layouts
     model = tiny_vit()
     layer = model.encoder.layers[-1].ln_1
     images = torch.randn(2, 3, 224, 224)

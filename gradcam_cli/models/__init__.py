@@ -36,8 +36,8 @@ from .torchvision_models import (
 
 HUB_PREFIX = "hf:"  # --model_path hf:ORG/NAME: a model in the local Hugging Face cache
 
-__all__ = ["load_model", "LoadedModel", "ModelError", "SizeError", "BUILTIN_MODEL", "BUILTIN_PREPROCESSING",
-           "whole_model_preprocessing", "torchvision_arch_of"]
+__all__ = ["load_model", "LoadedModel", "ModelError", "SizeError", "BUILTIN_MODEL",
+           "BUILTIN_PREPROCESSING", "whole_model_preprocessing", "torchvision_arch_of"]
 
 
 def load_model(model_path: str | None, arch: str | None = None, trust_model: bool = False,

@@ -4,7 +4,6 @@ raises."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from torch import nn
 
@@ -26,7 +25,7 @@ class LoadedModel:
 
     model: nn.Module
     preprocessing: Preprocessing
-    labels: Optional[list[str]] = None
+    labels: list[str] | None = None
     multi_label: bool = False
 
 
