@@ -111,12 +111,24 @@ def _relu_signatures() -> dict[Callable, _Signature]:
         aten.relu.default: relu_out,
         torch.relu_: relu_in, torch.Tensor.relu_: relu_in, aten.relu_: relu_in,
         aten.relu_.default: relu_in,
-        torch._C._nn.relu6: relu6_out, torch._C._nn.relu6_: relu6_in,
-        F.hardtanh: hardtanh, torch._C._nn.hardtanh: hardtanh_out, aten.hardtanh: hardtanh_out,
-        aten.hardtanh.default: hardtanh_out, torch._C._nn.hardtanh_: hardtanh_in,
+        F.hardtanh: hardtanh, aten.hardtanh: hardtanh_out,
+        aten.hardtanh.default: hardtanh_out,
         aten.hardtanh_: hardtanh_in, aten.hardtanh_.default: hardtanh_in,
     }
+    for name, signature in (("relu6", relu6_out), ("relu6_", relu6_in),
+                            ("hardtanh", hardtanh_out), ("hardtanh_", hardtanh_in)):
+        function = _private_nn_function(name)
+        if function is not None:
+            table[function] = signature
     return table
+
+
+def _private_nn_function(name: str) -> Callable | None:
+    """``torch._C._nn.<name>``: what F.relu6 and F.hardtanh call, and so what a
+    TorchFunctionMode sees of them (there is no public name for it). The one private torch
+    name here; a torch without it loses guiding of those calls only, and
+    tests/test_torch_contract.py fails loudly if it is gone."""
+    return getattr(getattr(torch._C, "_nn", None), name, None)
 
 
 _SIGNATURES = _relu_signatures()

@@ -377,3 +377,31 @@ def test_a_dead_pin_memory_thread_stops_the_run_in_one_line(pinning, monkeypatch
         in str(stop.value), changed(f"how its pin-memory thread dies (the run stopped with "
                                     f"{stop.value!r})", "handed_over", "image_loader.py")
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_relu6_and_hardtanh_reach_a_torch_function_mode_as_guided_py_expects() -> None:
+    """F.relu6 and F.hardtanh reach a TorchFunctionMode as themselves (guided.py's table
+    names them), and the private functions behind them, which code may call directly and
+    guided.py also guides, still exist."""
+    from torch.overrides import TorchFunctionMode
+
+    from gradcam_cli.guided import _SIGNATURES, _private_nn_function
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, requires_grad=True)
+    with Record():
+        torch.nn.functional.relu6(x)
+        torch.nn.functional.hardtanh(x, 0.0, 2.0)
+        torch.nn.ReLU6()(x)
+    assert all(func in _SIGNATURES for func in seen), (
+        f"torch {torch.__version__} sends ReLU6/hardtanh calls to a TorchFunctionMode as "
+        f"{seen}; update _relu_signatures in gradcam_cli/guided.py")
+    for name in ("relu6", "relu6_", "hardtanh", "hardtanh_"):
+        assert _private_nn_function(name) is not None, (
+            f"torch {torch.__version__} has no torch._C._nn.{name}; update "
+            f"_private_nn_function in gradcam_cli/guided.py")
