@@ -66,12 +66,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _as_float(text: str) -> float:
+    """The number ``text`` spells, or NaN (which every check below refuses)."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
 def finite_float(text: str) -> float:
     """A finite float for argparse (a mean)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+    value = _as_float(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number")
     return value
@@ -90,10 +95,7 @@ def positive_float(text: str) -> float:
 
 def probability(text: str) -> float:
     """A number strictly between 0 and 1 for argparse (a threshold)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+    value = _as_float(text)
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a probability between 0 and 1")
     return value

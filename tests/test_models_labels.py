@@ -35,6 +35,7 @@ from gradcam_cli.images import load_rgb
 from gradcam_cli.labels import IMAGENET_LABELS_PATH, default_labels, first_name, read_labels
 from gradcam_cli.models import builtin, torchvision_models
 from gradcam_cli.preprocessing import IMAGENET_PREPROCESSING, Preprocessing, prepare_image
+from tests.cli_helpers import assert_user_error, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 COFFEE = ROOT / "data" / "espresso" / "coffee.png"
@@ -43,23 +44,8 @@ RESNET18_FILE = torchvision.models.ResNet18_Weights.DEFAULT.url.rsplit("/", 1)[-
 
 # ----------------------------------------------------------------------------- helpers
 
-def run_main(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
-    """``python main.py ARGV`` in-process: (exit code, stdout, stderr)."""
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
-def assert_user_error(code: int, err: str, *needles: str) -> str:
-    """Exit 2, stderr exactly one ``main.py: error:`` line with each needle, no traceback."""
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
-    assert lines[0].startswith("main.py: error:"), lines[0]
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def common_args(images: Path, tmp_path: Path) -> list[str]:

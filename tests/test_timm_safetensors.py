@@ -29,6 +29,7 @@ from gradcam_cli import cli, models
 from gradcam_cli.images import load_rgb
 from gradcam_cli.models import builtin, timm_models, torchvision_models
 from gradcam_cli.preprocessing import Preprocessing, crop_image, normalize, prepare_image
+from tests.cli_helpers import assert_user_error, run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 CHELSEA = ROOT / "data" / "tabby" / "chelsea.png"  # 451 x 300, landscape
@@ -49,22 +50,8 @@ def safetensors_torch():
 
 # ----------------------------------------------------------------------------- helpers
 
-def run_main(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
-def assert_user_error(code: int, err: str, *needles: str) -> str:
-    """Exit 2, stderr exactly one ``main.py: error:`` line with each needle, no traceback."""
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
-    assert lines[0].startswith("main.py: error:"), lines[0]
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def cli_args(tmp_path: Path, image: Path = CHELSEA) -> list[str | Path]:
