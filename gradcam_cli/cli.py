@@ -210,7 +210,7 @@ def get_args_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                              "with one output is always read as binary")
     parser.add_argument("--threshold", type=probability, default=0.5,
                         help="multi-label: a class is shown when its probability is at least "
-                             "this")
+                             "this; binary: the class is predicted at or above it (accuracy)")
     parser.add_argument("--max_panels", type=positive_int, default=3,
                         help="how many classes get a panel before the lowest one: the top "
                              "ones (multi-label: those at or above --threshold, the most "
@@ -220,7 +220,8 @@ def get_args_parser(prog: str = "main.py") -> argparse.ArgumentParser:
                              "maps of an image and layer, so a weak map looks weak")
     parser.add_argument("--metrics", action="store_true",
                         help="measure each map's faithfulness (deletion/insertion AUC, average "
-                             "drop, increase in confidence) into summary.csv")
+                             "drop, increase in confidence, ROAD) into summary.csv, beside a "
+                             "random and a centred Gaussian map's, and print the means")
     parser.add_argument("--no_report", action="store_true",
                         help="do not write save_dir/report.html (the page to browse the run)")
     preprocessing = parser.add_argument_group(
@@ -284,6 +285,24 @@ def main(argv: list[str] | None = None, prog: str = "main.py") -> int:
 
 def command_line(prog: str = "gradcam") -> int:
     """The entry of a process started from a shell: stop signals are ignored outside
-    ``main``, which handles them, so the interpreter's shutdown is never cut short."""
+    ``main``, which handles them, so the interpreter's shutdown is never cut short. A reader
+    that goes away (``--list_layers | head``) ends the output quietly, as other tools do."""
     faults.ignore_stop_signals()
-    return main(prog=prog)
+    try:
+        code = main(prog=prog)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = 0
+    if code == 0 and _stdout_closed():
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output's reader has gone (a flush fails with a broken pipe)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    return False

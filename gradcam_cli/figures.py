@@ -181,6 +181,7 @@ class FigureWriter:
         self._title = _Font(TITLE_POINTS, bold=False, dpi=self.DPI)
         self._heading = _Font(HEADING_POINTS, bold=True, dpi=self.DPI)
         self._blank = np.full((self.height, self.width, 3), 255, dtype=np.uint8)
+        self._headings: dict[str, str] = {}
 
     def _panel_left(self, slot: int) -> int:
         return self.GAP + slot * (self.panel + self.GAP)
@@ -203,6 +204,18 @@ class FigureWriter:
             head = head[:-2].rstrip()
             lines = self._wrap(f"{head}\u2026 {tail}")
         return lines[:2]
+
+    def _fit_heading(self, heading: str) -> str:
+        """The heading, shortened with an ellipsis where a narrow figure (one or two panels)
+        would cut it off at both edges; headings repeat, so each is fitted once."""
+        fitted = self._headings.get(heading)
+        if fitted is None:
+            fitted, room = heading, self.width - 2 * self.GAP
+            while self._heading.width(fitted) > room and len(fitted) > 8:
+                fitted = fitted[:-2].rstrip() + "\u2026"
+                fitted = fitted.replace("\u2026\u2026", "\u2026")
+            self._headings[heading] = fitted
+        return fitted
 
     def compose(self, image: np.ndarray, heatmaps: np.ndarray, titles: list[str],
                 image_title: str, heading: str = "",
@@ -231,7 +244,8 @@ class FigureWriter:
         draw = ImageDraw.Draw(band)
         if heading:
             step = self._heading.line_height
-            self._heading.draw(draw, heading, self.width // 2, 4 + step - step // 4)
+            self._heading.draw(draw, self._fit_heading(heading), self.width // 2,
+                               4 + step - step // 4)
         step = self._title.line_height
         for slot, title in enumerate([image_title] + list(titles)):
             lines = self._fit(title)

@@ -1,5 +1,5 @@
 """Progress of a run as the user sees it: a tqdm bar on a terminal, a plain line every 30 s
-in a log, nothing with --quiet; and the bars of Score-CAM's masked passes."""
+in a log, nothing with --quiet; and the bars of Score-CAM's and Ablation-CAM's masked passes."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def score_progress(quiet: bool):
 
     def report(done: int, total: int) -> None:
         if not current:
-            current.append(Progress(total, quiet, unit="Score-CAM passes"))
+            current.append(Progress(total, quiet, unit="masked passes"))
         current[0].update(done - current[0].done)
         if done >= total:
             current.pop().close()

@@ -309,3 +309,18 @@ def write_references(figures_path: str) -> None:
 
 if __name__ == "__main__":
     write_references(sys.argv[1])
+
+
+def test_a_long_heading_on_a_narrow_figure_is_shortened_not_cut() -> None:
+    from gradcam_cli.figures import FigureWriter
+    """One panel (a multi-label image with one class present): the heading keeps clear of
+    both edges, ending in an ellipsis; a wide figure keeps it whole."""
+    heading = "Grad-CAM at vit.layers.1.layernorm_before (default layer for this transformer)"
+    narrow = FigureWriter(1, 224)
+    image = np.full((224, 224, 3), 128, dtype=np.uint8)
+    figure = narrow.compose(image, np.zeros((1, 224, 224)), ["1. cat 90.0%"], "a.png", heading)
+    band = figure[:narrow.BAND // 2]
+    assert band[:, :narrow.GAP].min() == 255 and band[:, -narrow.GAP:].min() == 255
+    assert band.min() < 128  # the heading is drawn
+    assert narrow._fit_heading(heading).endswith("\u2026")
+    assert FigureWriter(4, 224)._fit_heading(heading) == heading

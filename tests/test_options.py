@@ -189,8 +189,8 @@ def test_score_cam_runs_batched_with_progress_lines(tmp_path: Path, monkeypatch,
                       "47", "--save_dir", str(tmp_path), "--save_raw", "--workers", "0"])
     err = capsys.readouterr().err
     assert code == 0, err
-    passes = [line for line in err.splitlines() if "Score-CAM passes" in line]
-    assert passes and passes[-1].startswith("progress: 16/16 Score-CAM passes")
+    passes = [line for line in err.splitlines() if "masked passes" in line]
+    assert passes and passes[-1].startswith("progress: 16/16 masked passes")
     assert "warning: Score-CAM" in err
     score = np.load(tmp_path / "raw" / "image0.npz")["layer47"]
     assert score.shape == (4, 112, 112) and np.isfinite(score).all()

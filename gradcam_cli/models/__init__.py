@@ -47,7 +47,9 @@ def load_model(model_path: str | None, arch: str | None = None, trust_model: boo
     path = Path(model_path) if model_path is not None else None
     if ema and (path is None or not path.is_file() or path.suffix == ".safetensors"):
         raise ModelError(f"--ema is only for timm training checkpoints (a file with "
-                         f"state_dict_ema); --model_path {model_path} is not one")
+                         f"state_dict_ema); "
+                         f"{'--model_path ' + model_path if model_path else 'the built-in model'}"
+                         f" is not one")
     if model_path is None or model_path == BUILTIN_MODEL:
         if arch is not None:
             raise ModelError("--arch is only for a state_dict file given with --model_path")

@@ -30,7 +30,7 @@
   // What "top-k" means for this run's head: a multi-label model's shown classes are those
   // at or above its threshold; a binary model is judged on the class it predicts.
   const TOP_K = DATA.info.head === "sigmoid"
-    ? "at or above " + DATA.info.threshold : "top-" + DATA.top;
+    ? "at or above " + DATA.info.threshold + " (or the most probable)" : "top-" + DATA.top;
   const SORTS = makeSorts();
 
   let state = readHash();
@@ -527,7 +527,7 @@
     }
     const panels = el("ol", "panels");
     DATA.ranks.forEach((rank, k) => {
-      if (IS_TOP && (rank === "top1")) return;
+      if (IS_TOP && k === 0) return;  // shown above as the top-1 (or predicted) class
       const item = el("li");
       item.appendChild(el("span", "caption", rank + " "));
       item.appendChild(el("span", "label", DATA.labels[row[LABELS][k]]));
