@@ -142,8 +142,10 @@ def ablation_cam(model: torch.nn.Module, images: torch.Tensor, activation: torch
     Each pass runs ``batch_size`` (image, channel) pairs through the model, with a forward
     hook on ``module`` that replaces its output by a copy with that channel zeroed: the axis
     ``layout`` says is the channels (for token outputs, the patch tokens only: the special
-    tokens are no part of A_k). A module that runs several times in a pass is ablated at every
-    call. One pass per channel serves all K classes: B * C forward passes in all. ``scores``
+    tokens are no part of A_k). A module that runs several times in a pass (a shared
+    activation module) is ablated at its last call only, the call whose output A is (as the
+    engine keeps it): one pass on one image counts the calls first. One pass per channel
+    serves all K classes: B * C forward passes in all. ``scores``
     are the (B, C) raw scores of the unablated images. Returns w (B, K, C).
     """
     n_images, n_channels = activation.shape[:2]
@@ -151,8 +153,12 @@ def ablation_cam(model: torch.nn.Module, images: torch.Tensor, activation: torch
     ablated = torch.empty(n_images, classes.shape[1], n_channels, device=original.device)
     pairs = [(b, k) for b in range(n_images) for k in range(n_channels)]
     zeroed: dict[str, torch.Tensor] = {}
+    calls = {"per_pass": _calls_per_pass(model, module, images[:1]), "seen": 0}
 
     def ablate(hooked, inputs, output):
+        calls["seen"] += 1
+        if calls["seen"] != calls["per_pass"]:
+            return None
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"target layer {hooked.__class__.__name__} returned "
                             f"{type(output).__name__}, not a tensor")
@@ -164,6 +170,7 @@ def ablation_cam(model: torch.nn.Module, images: torch.Tensor, activation: torch
             chunk = pairs[start:start + batch_size]
             index_b = torch.tensor([b for b, _ in chunk], device=images.device)
             zeroed["channels"] = torch.tensor([k for _, k in chunk], device=images.device)
+            calls["seen"] = 0
             chosen = head.scores(model(images[index_b])).gather(1, classes[index_b])
             ablated[index_b, :, zeroed["channels"]] = chosen.to(ablated.dtype)
             if progress is not None:
@@ -172,6 +179,22 @@ def ablation_cam(model: torch.nn.Module, images: torch.Tensor, activation: torch
         handle.remove()
     divisor = torch.where(original.abs() > EPS, original, torch.full_like(original, EPS))
     return (original.unsqueeze(2) - ablated) / divisor.unsqueeze(2)
+
+
+def _calls_per_pass(model: torch.nn.Module, module: torch.nn.Module,
+                    images: torch.Tensor) -> int:
+    """How many times ``module`` runs in one forward pass of ``model``."""
+    count = [0]
+
+    def counted(*_) -> None:
+        count[0] += 1
+
+    handle = module.register_forward_hook(counted)
+    try:
+        model(images)
+    finally:
+        handle.remove()
+    return count[0]
 
 
 def _zero_channels(output: torch.Tensor, layout: Layout, channels: torch.Tensor

@@ -596,3 +596,46 @@ def test_eigen_smoothing_matches_pytorch_grad_cam(method: str, monkeypatch) -> N
                                       smooth="eigen")
                 monkeypatch.undo()
             assert pearson(opposite[0, b, k], reference[b]) >= 0.99
+
+
+class _SharedActivation(nn.Module):
+    """One ReLU module called twice (EfficientNet's ``_swish`` is such a module): the
+    explained activation is its last call's output, with 6 channels; the first has 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(6, 3)
+
+    def head(self, activation: torch.Tensor) -> torch.Tensor:
+        return self.fc(activation.mean(dim=(2, 3)))
+
+    def forward(self, x):
+        return self.head(self.act(self.conv2(self.act(self.conv1(x)))))
+
+
+def test_ablationcam_of_a_module_run_twice_ablates_its_last_call() -> None:
+    """Each channel of the explained (last-call) activation zeroed by hand, the rest of the
+    network run on it: the same weights, so the same map."""
+    torch.manual_seed(0)
+    model = _SharedActivation().eval()
+    images = torch.randn(2, 3, 8, 8)
+    classes = torch.tensor([[0, 2], [1, 0]])
+    _, maps = explain(model, images, [model.act], classes, method="ablationcam", raw=True)
+    with torch.no_grad():
+        activation = model.act(model.conv2(model.act(model.conv1(images))))
+        scores = model.head(activation)
+        expected = torch.empty(2, 2, 8, 8)
+        for b in range(2):
+            for k in range(2):
+                c = classes[b, k]
+                weights = []
+                for channel in range(6):
+                    ablated = activation[b:b + 1].clone()
+                    ablated[:, channel] = 0
+                    weights.append((scores[b, c] - model.head(ablated)[0, c]) / scores[b, c])
+                weighted = torch.stack(weights)[:, None, None] * activation[b]
+                expected[b, k] = torch.relu(weighted.sum(dim=0))
+    torch.testing.assert_close(maps[0], expected, rtol=1e-4, atol=1e-6)
