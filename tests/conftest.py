@@ -55,3 +55,14 @@ def interrupt_rendering(monkeypatch):
         monkeypatch.setattr(render_pool, "render_image", render_then_interrupt)
         return original
     return arm
+
+
+BROWSER_FIXTURES = {"browser", "open_report"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that open a browser are slow whether or not they say so, so that
+    ``-m "not slow"`` (the inner loop) never starts Chromium."""
+    for item in items:
+        if BROWSER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker("slow")

@@ -80,6 +80,7 @@ def single_run(tmp_path_factory) -> Path:
     return save_dir
 
 
+@pytest.mark.slow
 def test_raw_maps_hold_the_engine_output_classes_and_probs(single_run: Path) -> None:
     """raw/image{i}.npz equals the engine's raw=True maps for that image, top-3 + lowest."""
     loaded_model = load_model(None)
@@ -107,6 +108,7 @@ def test_raw_maps_hold_the_engine_output_classes_and_probs(single_run: Path) -> 
         assert row["figures"] == f"image{entry.index}_layer1.jpg;image{entry.index}_layer2.jpg"
 
 
+@pytest.mark.slow
 def test_batch_size_and_workers_do_not_change_the_results(single_run: Path,
                                                           tmp_path: Path) -> None:
     """Batches of 2 decoded by 2 worker processes give what one batch in-process gave."""
@@ -117,6 +119,7 @@ def test_batch_size_and_workers_do_not_change_the_results(single_run: Path,
     assert_same_run(single_run, save_dir)
 
 
+@pytest.mark.slow
 def test_accuracy_is_printed_when_folders_are_labels(single_run: Path, tmp_path: Path,
                                                      capsys) -> None:
     """data/'s folders are ImageNet labels: top-1 and top-3 accuracy agree with summary.csv."""
@@ -129,6 +132,7 @@ def test_accuracy_is_printed_when_folders_are_labels(single_run: Path, tmp_path:
     assert top1 == pytest.approx(0.6) and top3 == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_no_accuracy_for_a_flat_folder(tmp_path: Path, capsys) -> None:
     """Without ImageFolder class names there is nothing to score against."""
     flat = tmp_path / "flat"
@@ -139,6 +143,7 @@ def test_no_accuracy_for_a_flat_folder(tmp_path: Path, capsys) -> None:
     assert "top-1" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_skip_existing_redoes_only_what_is_missing(tmp_path: Path) -> None:
     """A rerun rewrites the one deleted figure, leaves the others untouched, keeps all rows."""
     assert run_cli("--n_images", "3", "--save_dir", str(tmp_path), "--save_raw") == 0
@@ -153,6 +158,7 @@ def test_skip_existing_redoes_only_what_is_missing(tmp_path: Path) -> None:
     assert_same_rows(read_summary(tmp_path), before)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path: Path, monkeypatch,
                                                                 capsys,
                                                                 interrupt_rendering) -> None:
@@ -174,6 +180,7 @@ def test_an_interrupted_run_leaves_no_partial_file_and_resumes(tmp_path: Path, m
     assert not list(tmp_path.glob(".summary*"))
 
 
+@pytest.mark.slow
 def test_plain_progress_lines_without_a_terminal(tmp_path: Path, monkeypatch, capsys) -> None:
     """stderr is not a terminal under pytest: plain progress lines, none with --quiet."""
     monkeypatch.setattr(batch_run.Progress, "PLAIN_EVERY_S", 0.0)
@@ -186,6 +193,7 @@ def test_plain_progress_lines_without_a_terminal(tmp_path: Path, monkeypatch, ca
     assert "progress:" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_a_single_process(single_run: Path,
                                                        tmp_path: Path) -> None:
     """2 CPU processes (gloo) split the images by index and write what one process writes."""
@@ -202,6 +210,7 @@ def test_torchrun_two_processes_match_a_single_process(single_run: Path,
     assert_same_run(single_run, tmp_path)
 
 
+@pytest.mark.slow
 def test_skip_existing_redoes_everything_when_the_options_change(tmp_path: Path,
                                                                  capsys) -> None:
     """Outputs made with other options are not kept: the rows always fit the header."""
@@ -215,6 +224,7 @@ def test_skip_existing_redoes_everything_when_the_options_change(tmp_path: Path,
     assert all(None not in row and row["class1"] == "tabby" for row in rows)
 
 
+@pytest.mark.slow
 def test_skip_existing_redoes_everything_when_the_preprocessing_changes(tmp_path: Path,
                                                                        capsys) -> None:
     """--resize changes every map, so outputs made without it are not kept."""
@@ -230,6 +240,7 @@ def test_skip_existing_redoes_everything_when_the_preprocessing_changes(tmp_path
     assert [r["top1_peak_layer1"] for r in after] != [r["top1_peak_layer1"] for r in before]
 
 
+@pytest.mark.slow
 def test_skip_existing_keeps_outputs_made_with_the_same_classes(tmp_path: Path,
                                                                 capsys) -> None:
     """Settings held in tuples (--classes) match their recorded selves: nothing is redone."""
@@ -242,6 +253,7 @@ def test_skip_existing_keeps_outputs_made_with_the_same_classes(tmp_path: Path,
     assert "processed 0 image(s), skipped 0, 2 already done" in captured.out
 
 
+@pytest.mark.slow
 def test_an_unreadable_old_summary_is_ignored_with_a_warning(tmp_path: Path, capsys) -> None:
     """A summary.csv re-saved in another encoding does not stop a resumed run."""
     assert run_cli("--n_images", "2", "--save_dir", str(tmp_path)) == 0
@@ -252,6 +264,7 @@ def test_an_unreadable_old_summary_is_ignored_with_a_warning(tmp_path: Path, cap
     assert len(read_summary(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_skipped_files_are_named_in_the_run_result(tmp_path: Path, monkeypatch) -> None:
     """RunResult.skipped keeps each skipped file's relative path and reason, for reports."""
     folder = tmp_path / "images"

@@ -185,6 +185,7 @@ def builtin_all(tmp_path_factory: pytest.TempPathFactory) -> tuple[Result, Path]
 
 # ----------------------------------------------------------------------------- built-in model
 
+@pytest.mark.slow
 def test_builtin_model_writes_a_valid_jpeg_per_sample_image(builtin_all: tuple[Result, Path]
                                                             ) -> None:
     """Default model, --n_images all: exit 0, image0..4.jpg are JPEGs, final line sums up."""
@@ -230,6 +231,7 @@ def test_figures_of_different_images_differ_and_are_wide(builtin_all: tuple[Resu
     assert np.abs(first - second).mean() > 5.0
 
 
+@pytest.mark.slow
 def test_spec_usage_one_layer_three_images_with_show(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """First usage of the spec: image0..2.jpg, one 'no display' warning, exit 0."""
@@ -246,6 +248,7 @@ def test_spec_usage_one_layer_three_images_with_show(tmp_path: Path,
     assert final_counts(result.last_line) == (3, 0)
 
 
+@pytest.mark.slow
 def test_spec_usage_three_layers_with_show(tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Second usage of the spec: layer1/3/4.jpg for the first image, with different maps."""
@@ -499,6 +502,7 @@ def test_n_images_default_is_one(tiny_model: Path, image_folder: Path, tmp_path:
     assert jpgs(save_dir) == {"image0.jpg"}
 
 
+@pytest.mark.slow
 def test_show_without_display_in_a_headless_process(tiny_model: Path, image_folder: Path,
                                                     tmp_path: Path) -> None:
     """--show with no display and no MPLBACKEND: one warning, figures saved, no hang."""
@@ -591,6 +595,7 @@ def test_usage_errors_exit_2_with_one_line(case: str, tiny_model: Path, image_fo
     assert_single_error_line(call_main(argv), *fragments)
 
 
+@pytest.mark.slow
 def test_builtin_backcount_range_matches_list_layers(tmp_path: Path) -> None:
     """Out of range on the built-in model: the message's 1..N is --list_layers' N."""
     listing = call_main(["--list_layers"])
@@ -643,6 +648,7 @@ def test_help_does_not_import_torch() -> None:
     assert heavy == [], heavy
 
 
+@pytest.mark.slow
 def test_one_image_with_the_builtin_model_imports_no_torchvision_or_pyplot(
         tmp_path: Path) -> None:
     """Start-up stays lean: explaining one image with the built-in model imports neither

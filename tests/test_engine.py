@@ -265,6 +265,7 @@ def test_tiny_cnn_matches_naive_reference(tiny: TinyNet, tiny_images: torch.Tens
     ("resnet18", ["layer2.0.conv1", "layer3.1.conv2", "layer4.1.conv2"], 64),
     ("vgg11", ["features.3", "features.13", "features.18"], 64),
 ])
+@pytest.mark.slow
 def test_torchvision_models_match_naive_reference(request: pytest.FixtureRequest, name: str,
                                                   layer_names: list[str], size: int) -> None:
     """resnet18 and vgg11 (random weights, in-place ReLUs, residual adds, dropout) give the
@@ -555,6 +556,7 @@ def test_frozen_model_gives_same_maps(tiny: TinyNet, tiny_images: torch.Tensor) 
     assert all(p.grad is None and not p.requires_grad for p in frozen.parameters())
 
 
+@pytest.mark.slow
 def test_inplace_relu_after_target_gives_same_maps(tiny_images: torch.Tensor) -> None:
     """In-place ReLU / in-place residual add right after the target convs (the in-place trap)
     give exactly the maps of the same weights with every in-place op switched off."""
@@ -597,6 +599,7 @@ def test_top_and_lowest_values() -> None:
     assert top_and_lowest(scores[:, :2], top=3).tolist() == [[1, 0, 0], [0, 1, 1]]
 
 
+@pytest.mark.slow
 def test_callable_classes_equal_precomputed(tiny: TinyNet, tiny_images: torch.Tensor) -> None:
     """classes=top_and_lowest gives the maps of classes=top_and_lowest(scores) computed from
     a separate plain eval-mode forward, and the same scores."""

@@ -208,6 +208,7 @@ def finish(process: subprocess.Popen, helpers: list[int]) -> tuple[int, str]:
 
 # ----------------------------------------------------------------------------- the render pool
 
+@pytest.mark.slow
 def test_render_workers_0_and_2_write_identical_files(tiny_model: Path, images: Path,
                                                       reference: Path, tmp_path: Path) -> None:
     """Two render processes write byte-identical figures, npz files and rows."""
@@ -237,6 +238,7 @@ def test_quantised_maps_draw_the_same_figure() -> None:
 
 # ----------------------------------------------------------------------------- 1. a write fails
 
+@pytest.mark.slow
 def test_disk_full_injected_at_the_write(tiny_model: Path, images: Path, reference: Path,
                                          tmp_path: Path, monkeypatch) -> None:
     """ENOSPC at the 7th JPEG: exit 3, one line, the done images in summary.csv, resumable."""
@@ -293,6 +295,7 @@ def small_tmpfs(tmp_path: Path):
     subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_disk_full_on_a_real_tmpfs(tiny_model: Path, images: Path, reference: Path,
                                    small_tmpfs: Path) -> None:
     """A full file system under the render processes: exit 3 and one line; after making room,
@@ -326,6 +329,7 @@ def test_a_disk_already_full_is_one_line_and_exit_2(tiny_model: Path, images: Pa
 
 @pytest.mark.parametrize("signum, code, to_the_group",
                          [(signal.SIGTERM, 143, False), (signal.SIGHUP, 129, True)])
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_and_resumes(signum: int, code: int, to_the_group: bool,
                                            tiny_model: Path, images: Path, reference: Path,
                                            tmp_path: Path) -> None:
@@ -351,6 +355,7 @@ def test_sigterm_stops_cleanly_and_resumes(signum: int, code: int, to_the_group:
     resume_and_compare(fault_line(err), tmp_path, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nohup") is None, reason="needs nohup")
 def test_a_run_under_nohup_goes_on_when_the_terminal_closes(tiny_model: Path, images: Path,
                                                             reference: Path,
@@ -373,6 +378,7 @@ def test_a_run_under_nohup_goes_on_when_the_terminal_closes(tiny_model: Path, im
     assert_equal_runs(tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_a_closed_terminal_stops_cleanly_and_resumes(tiny_model: Path, images: Path,
                                                      reference: Path, tmp_path: Path) -> None:
     """The terminal main.py runs in goes away (its window closed, an ssh connection lost),
@@ -576,6 +582,7 @@ def signal_me_at(monkeypatch, owner: object, name: str, signum: int, after: bool
     monkeypatch.setattr(owner, name, signal_around_call)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, after", [(signal.SIGINT, False), (signal.SIGTERM, True)])
 def test_a_stop_while_save_dir_is_prepared_is_a_clean_stop(
         signum: int, after: bool, tiny_model: Path, images: Path, reference: Path,
@@ -593,6 +600,7 @@ def test_a_stop_while_save_dir_is_prepared_is_a_clean_stop(
     resume_and_compare(fault_line(err), tmp_path, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["render processes told to end", "row log closed"])
 def test_a_stop_as_the_images_are_finished_is_a_clean_stop(
         where: str, tiny_model: Path, images: Path, reference: Path, tmp_path: Path,
@@ -617,6 +625,7 @@ def test_a_stop_as_the_images_are_finished_is_a_clean_stop(
                 and alive(pid)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_stop_after_every_image_is_done_is_dropped(signum: int, tiny_model: Path,
                                                      images: Path, reference: Path,
@@ -696,6 +705,7 @@ def test_stop_signals_put_back_what_the_command_line_set() -> None:
 
 # ----------------------------------------------------------------------------- 3. a helper dies
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["decode", "render"])
 def test_a_killed_helper_process_stops_the_run(victim: str, tiny_model: Path, images: Path,
                                                reference: Path, tmp_path: Path) -> None:
@@ -723,6 +733,7 @@ def test_a_killed_helper_process_stops_the_run(victim: str, tiny_model: Path, im
 
 # ----------------------------------------------------------------------------- 4. out of memory
 
+@pytest.mark.slow
 def test_out_of_memory_halves_the_batch(tiny_model: Path, images: Path, tmp_path: Path,
                                         monkeypatch) -> None:
     """A (faked) CUDA OOM for batches over 2: one line, then batches of 2, for the metrics'
@@ -762,6 +773,7 @@ def test_out_of_memory_halves_the_batch(tiny_model: Path, images: Path, tmp_path
 
 # ----------------------------------------------------------------------------- 5. torchrun
 
+@pytest.mark.slow
 def test_one_failing_torchrun_process_stops_both(tiny_model: Path, images: Path,
                                                  reference: Path, tmp_path: Path) -> None:
     """Rank 1 cannot write image3's figure (a folder is in the way): it stops with its line,
@@ -883,6 +895,7 @@ def test_a_bug_inside_a_decode_process_keeps_its_traceback() -> None:
     assert _as_stop(_raised_in_a_decode_process(RuntimeError, "shape mismatch")) is None
 
 
+@pytest.mark.slow
 def test_a_decode_process_prints_no_traceback_for_a_cut_hand_over() -> None:
     """A stop signal in the model process half-way through receiving a batch's shared memory
     resets the connection to the decode process's resource-sharer thread (which serves the
@@ -953,6 +966,7 @@ def _in_a_small_shared_memory(megabytes: int, command: list[str],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
 
 
+@pytest.mark.slow
 def test_a_small_shared_memory_starts_fewer_decode_processes(tiny_model: Path, images: Path,
                                                              reference: Path,
                                                              tmp_path: Path) -> None:
@@ -1109,6 +1123,7 @@ except BaseException as error:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_process", ["waiting", "busy"])
 def test_the_pin_memory_thread_of_a_killed_decode_process_prints_no_traceback(
         model_process: str, tmp_path: Path) -> None:

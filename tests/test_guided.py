@@ -183,6 +183,7 @@ def _relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
     return ((result - reference).abs().max() / reference.abs().max()).item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build", [_resnet18, _vgg11], ids=["resnet18", "vgg11"])
 def test_matches_captum(build) -> None:
     from captum import attr as captum_attr  # requirements-dev.txt
@@ -364,6 +365,7 @@ class _ModuleNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+@pytest.mark.slow
 def test_functional_relus_are_guided() -> None:
     functional = _FunctionalNet()
     with torch.no_grad():
@@ -504,6 +506,7 @@ def test_guided_grad_cam_values() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_builtin_model_on_a_photo() -> None:
     from gradcam_cli.images import list_images, load_rgb
     from gradcam_cli.models import load_model

@@ -249,6 +249,7 @@ def levels(difference: torch.Tensor, preprocessing: Preprocessing) -> torch.Tens
 
 # ----------------------------------------------------------------------------- every family
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_input_probabilities_and_maps(name: str, saved, no_network) -> None:
     family = FAMILIES[name]
@@ -528,6 +529,7 @@ def test_no_preprocessor_config_warns_and_uses_imagenet(saved, tmp_path: Path,
                                                         ) -> None:
     folder = copy_folder(saved("mobilevit"), tmp_path / "noproc",
                          without="preprocessor_config.json")
+    capsys.readouterr()  # saving the folder (first use) draws save_pretrained's progress bar
     loaded = load_model(str(folder))
     assert loaded.preprocessing == IMAGENET_PREPROCESSING.with_crop(256)  # config.image_size
     warning = capsys.readouterr().err.splitlines()

@@ -185,6 +185,7 @@ def test_every_method_is_registered_with_a_cited_docstring() -> None:
                                         for year in ("2017", "2018", "2020", "2021"))
 
 
+@pytest.mark.slow
 def test_many_methods_in_one_pass_equal_each_methods_own_run() -> None:
     """explain_methods shares the forward and backward passes between the gradient methods;
     each method's maps (raw and normalized, counterfactual too) equal its own call's."""

@@ -350,6 +350,7 @@ def test_random_maps_are_seeded_smooth_and_in_unit_range() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_grad_cam_deletes_faster_than_random_maps_on_photos() -> None:
     """Built-in model, the 5 photos of data/, top-1 class, last conv, steps=8.
 

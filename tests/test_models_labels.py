@@ -200,6 +200,7 @@ def test_builtin_model_has_the_package_weights_and_preprocessing() -> None:
         assert preprocessing == models.BUILTIN_PREPROCESSING
 
 
+@pytest.mark.slow
 def test_builtin_model_predicts_espresso_for_the_coffee_photo() -> None:
     """The built-in model, fed through prepare_image, ranks ImageNet class 967 first."""
     loaded_model = models.load_model(None)
@@ -596,6 +597,7 @@ def test_main_default_labels_for_non_imagenet_model(tiny_model: Path, images: Pa
     assert all(re.fullmatch(r"class [0-4]", row[c]) for c in ("top1", "top2", "top3", "lowest"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--imageNet_labels", None])
 def test_main_imagenet_labels_with_builtin_model(flag: str | None, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -606,6 +608,7 @@ def test_main_imagenet_labels_with_builtin_model(flag: str | None, tmp_path: Pat
     assert summary_rows(tmp_path)[0]["top1"] == "espresso"
 
 
+@pytest.mark.slow
 def test_main_labels_wrong_count(images: Path, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     """3 labels for the 1000-output built-in model: exit 2, both numbers in the line."""

@@ -353,6 +353,7 @@ def test_eigen_smoothing_of_score_cam_uses_its_weights() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_aug_smoothing_averages_normalized_unflipped_maps() -> None:
     """smooth="aug" is, per map: the mean over the six augmentations (flip or not, x 0.9, 1,
     1.1) of the un-flipped raw map min-max normalized at layer resolution, times the mean of
@@ -413,6 +414,7 @@ def test_aug_smoothing_reports_progress_over_all_runs() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("smooth", [None, "eigen", "aug"])
 def test_many_methods_with_eigen_and_ablation_equal_each_methods_own_run(smooth) -> None:
     """explain_methods with Eigen-CAM and Ablation-CAM among the others: each method's maps
@@ -434,6 +436,7 @@ def test_many_methods_with_eigen_and_ablation_equal_each_methods_own_run(smooth)
                 torch.testing.assert_close(got, want, rtol=0, atol=0, msg=method)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("smooth", [None, "eigen", "aug", "aug+eigen"])
 def test_model_left_as_found(smooth) -> None:
     """After Ablation-CAM (its hook on the target) and Eigen-CAM, smoothed or not: no hooks,

@@ -29,6 +29,7 @@ def read_summary(save_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gradcam++", "xgradcam", "layercam", "hirescam"])
 def test_every_gradient_method_runs_from_the_command_line(method: str, tmp_path: Path,
                                                           capsys) -> None:
@@ -44,6 +45,7 @@ def test_every_gradient_method_runs_from_the_command_line(method: str, tmp_path:
     assert not np.allclose(ours, gradcam)
 
 
+@pytest.mark.slow
 def test_classes_by_name_and_index(tmp_path: Path, capsys) -> None:
     """--classes tabby 967: every image explains those two classes, with their probabilities."""
     code, _, err = run(capsys, "--n_images", "all", "--classes", "tabby", "967",
@@ -56,6 +58,7 @@ def test_classes_by_name_and_index(tmp_path: Path, capsys) -> None:
     assert "top1" not in rows[0] and "top-1" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_unknown_class_name_suggests_close_labels(capsys) -> None:
     code, _, err = run(capsys, "--classes", "tabbby")
     assert code == 2 and "'tabby'" in err and len(err.strip().splitlines()) == 1
@@ -73,6 +76,7 @@ def test_true_class_panel_follows_the_folder(tmp_path: Path, capsys) -> None:
     assert grace["true_prob"] == grace["top3_prob"]  # the uniform is its third guess
 
 
+@pytest.mark.slow
 def test_true_class_of_an_unlabelled_folder_falls_back_to_top1(tmp_path: Path,
                                                                capsys) -> None:
     code, _, err = run(capsys, "--images_path", CAT, "--true_class", "--save_dir", tmp_path)
@@ -81,6 +85,7 @@ def test_true_class_of_an_unlabelled_folder_falls_back_to_top1(tmp_path: Path,
     assert row["true"] == row["top1"] and row["folder_label"] == ""
 
 
+@pytest.mark.slow
 def test_layer_by_name_targets_any_4d_module(tmp_path: Path, capsys) -> None:
     """--layer _swish _bn1: non-conv modules by name (_swish is a ReLU6 reused all through the
     network: its last call counts); file names and npz keys carry the layer tag."""
@@ -92,6 +97,7 @@ def test_layer_by_name_targets_any_4d_module(tmp_path: Path, capsys) -> None:
     assert raw["layer-_swish"].shape == (4, 7, 7) and raw["layer-_bn1"].shape == (4, 7, 7)
 
 
+@pytest.mark.slow
 def test_layer_typo_suggests_names(capsys) -> None:
     code, _, err = run(capsys, "--layer", "_conv_haed")
     assert code == 2 and "_conv_head" in err and "Traceback" not in err
@@ -110,6 +116,7 @@ def test_shared_scale_keeps_weak_maps_weak() -> None:
     torch.testing.assert_close(shared[0, 0, 0], per_map[0, 0, 0])
 
 
+@pytest.mark.slow
 def test_shared_scale_titles_carry_peaks(tmp_path: Path, capsys) -> None:
     code, _, err = run(capsys, "--images_path", CAT, "--scale", "shared", "--save_dir",
                        tmp_path, "--save_raw")
@@ -125,6 +132,7 @@ def test_counterfactual_score_cam_is_a_usage_error(capsys) -> None:
     assert code == 2 and "scorecam" in err
 
 
+@pytest.mark.slow
 def test_counterfactual_maps_are_the_negated_gradient_maps(tmp_path: Path, capsys) -> None:
     """--counterfactual writes different raw maps: those of the negated gradients."""
     plain, counter = tmp_path / "plain", tmp_path / "counter"
@@ -165,6 +173,7 @@ def test_metrics_columns_and_means(tmp_path: Path, capsys) -> None:
     assert info["means_rows"][1][1] == f"{random_deletion:.4g}"
 
 
+@pytest.mark.slow
 def test_guided_adds_a_second_row(tmp_path: Path, capsys) -> None:
     """--guided: the figure grows by one panel row of Guided Grad-CAM maps."""
     plain, guided = tmp_path / "plain", tmp_path / "guided"
@@ -179,6 +188,7 @@ def test_guided_adds_a_second_row(tmp_path: Path, capsys) -> None:
     assert bottom.std() > 5  # the guided maps are not blank
 
 
+@pytest.mark.slow
 def test_score_cam_runs_batched_with_progress_lines(tmp_path: Path, monkeypatch,
                                                     capsys) -> None:
     """Score-CAM at a 16-channel conv (backcount 47): 16 masked passes in batches of 64,
@@ -248,6 +258,7 @@ def test_method_flag_lists_exactly_the_registry() -> None:
                                       if not method.uses_gradients)
 
 
+@pytest.mark.slow
 def test_several_methods_write_a_figure_each_equal_to_their_own_runs(tmp_path: Path,
                                                                       capsys) -> None:
     """--method gradcam gradcam++ layercam: one figure per method, byte for byte the figure
@@ -303,6 +314,7 @@ def test_sanity_check_writes_its_csv_line_and_report_table(tmp_path: Path, capsy
     assert data["info"]["sanity"] == line and len(data["info"]["sanity_rows"]) == 12
 
 
+@pytest.mark.slow
 def test_eigencam_ablationcam_and_smoothing_from_the_command_line(tmp_path: Path,
                                                                   capsys) -> None:
     """Eigen-CAM's map is the same for every panel (class-independent, as its heading says);

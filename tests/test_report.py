@@ -195,6 +195,7 @@ def test_unknown_folders_are_not_judged_and_metrics_columns_are_found():
     assert data["classes"] == [] and len(row) == len(header)
 
 
+@pytest.mark.slow
 def test_no_report_flag(tmp_path):
     assert run_tool(tmp_path, "--n_images", "1", "--no_report") == 0
     assert (tmp_path / "summary.csv").exists() and not (tmp_path / "report.html").exists()
@@ -207,6 +208,7 @@ def embedded_data(save_dir: Path) -> dict:
     return json.loads(found.group(1))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_reports_every_image(tmp_path):
     assert run_tool(tmp_path, "--n_images", "2") == 0
     assert embedded_data(tmp_path)["index"] == [0, 1]
@@ -238,6 +240,7 @@ def test_a_long_run_refreshes_the_report_as_it_goes(tmp_path, monkeypatch):
     assert embedded_data(tmp_path)["info"]["finished"] is True
 
 
+@pytest.mark.slow
 def test_a_stopped_run_reports_what_is_done_and_why(tmp_path, interrupt_rendering):
     """Ctrl-C after two images: the page holds those two and says why the run stopped."""
     interrupt_rendering(2)
@@ -250,6 +253,7 @@ def test_a_stopped_run_reports_what_is_done_and_why(tmp_path, interrupt_renderin
 
 # ----------------------------------------------------------------------------- in the browser
 
+@pytest.mark.slow
 def test_entries_and_count_match_the_summary(data_run, open_report, capsys):
     rows = read_summary(data_run)
     opened = open_report(data_run)
@@ -343,6 +347,7 @@ def test_thumbnail_opens_its_figure_and_arrow_keys_step_through_the_list(data_ru
     assert page.is_hidden("#viewer")
 
 
+@pytest.mark.slow
 def test_two_layer_run_shows_each_layers_figure(two_layer_run, open_report):
     rows = read_summary(two_layer_run)
     opened = open_report(two_layer_run)
@@ -363,6 +368,7 @@ def test_two_layer_run_shows_each_layers_figure(two_layer_run, open_report):
     assert page.evaluate("document.querySelector('#viewer-img').src").endswith("/image1_layer1.jpg")
 
 
+@pytest.mark.slow
 def test_a_several_method_run_switches_between_methods(tmp_path, open_report):
     """Every method's figure side by side, or one method's at a time; the choice is kept in
     the address, as the other controls are."""
@@ -384,6 +390,7 @@ def test_a_several_method_run_switches_between_methods(tmp_path, open_report):
     assert not opened.errors
 
 
+@pytest.mark.slow
 def test_classes_run_has_panels_but_no_right_or_wrong(tmp_path, open_report):
     assert run_tool(tmp_path, "--n_images", "2", "--classes", "281", "tripod") == 0
     opened = open_report(tmp_path)
@@ -399,6 +406,7 @@ def test_classes_run_has_panels_but_no_right_or_wrong(tmp_path, open_report):
     assert opened.indices() == [int(r["index"]) for r in by_probability]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Glyph")  # the figure titles' font has no CJK glyphs
 def test_hostile_file_names_and_labels_show_as_text_and_never_run(tmp_path, open_report):
     images = tmp_path / "images"

@@ -338,6 +338,7 @@ def grad_cam_setup(crop: int, count: int):
     return model, images, maps[0], classes
 
 
+@pytest.mark.slow
 def test_road_matches_pytorch_grad_cam_without_noise() -> None:
     """Two photos at 48 px, the Grad-CAM map of the lowest class (made distinct-valued, same
     order), p = 10 and 90, noise 0: every change agrees to 1e-6 (measured: under 2e-7). The

@@ -329,6 +329,7 @@ def _small_cnn() -> nn.Module:
     return _trained_like(model)
 
 
+@pytest.mark.slow
 def test_batching_and_progress_do_not_change_the_report() -> None:
     model = _small_cnn()
     images = torch.randn(5, 3, 24, 24, generator=torch.Generator().manual_seed(0))
@@ -367,6 +368,7 @@ def test_batching_and_progress_do_not_change_the_report() -> None:
                            .ssim_per_map)
 
 
+@pytest.mark.slow
 def test_every_registered_method_runs() -> None:
     """The check only asks ``explain_methods`` for maps: any method of METHODS works."""
     model = _small_cnn()
@@ -498,6 +500,7 @@ def real_run():
                 edge_calls=calls)
 
 
+@pytest.mark.slow
 def test_user_model_is_left_exactly_as_found(real_run) -> None:
     assert real_run["after"] == real_run["before"]
     assert real_run["before"]["hooks"] == 0 and real_run["before"]["grads"] == []
@@ -544,6 +547,7 @@ def test_a_model_blind_map_does_not_depend_on_the_weights(real_run) -> None:
     assert torch.equal(calls[0], top)
 
 
+@pytest.mark.slow
 def test_without_reinitialisation_the_maps_are_the_same(real_run) -> None:
     """The premise of every step: the copy, before any re-initialisation, gives the
     original maps exactly (Spearman and SSIM 1)."""

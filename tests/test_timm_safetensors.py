@@ -168,6 +168,7 @@ def test_a_timm_checkpoint_names_only_argparse_namespace(resnet_checkpoint: Chec
             "metric", "amp_scaler"} <= keys
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["resnet", "vit"])
 def test_timm_checkpoint_loads_with_no_flags(which: str, request: pytest.FixtureRequest,
                                              timm) -> None:
@@ -199,6 +200,7 @@ def test_timm_checkpoint_preprocessing_values(resnet_checkpoint: Checkpoint,
         248, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
 
 
+@pytest.mark.slow
 def test_dataparallel_and_legacy_timm_checkpoints(resnet_checkpoint: Checkpoint,
                                                   tmp_path: Path) -> None:
     """'module.'-prefixed weights, saved in torch.save's legacy (non-zip) format: same model."""
@@ -211,6 +213,7 @@ def test_dataparallel_and_legacy_timm_checkpoints(resnet_checkpoint: Checkpoint,
                        outputs(resnet_checkpoint.model, loaded.preprocessing))
 
 
+@pytest.mark.slow
 def test_arch_overrides_the_checkpoints_own(resnet_checkpoint: Checkpoint) -> None:
     """--arch resnet18 on timm's resnet18 checkpoint: torchvision's ResNet (same keys) with
     torchvision's preprocessing, the same outputs."""
@@ -221,6 +224,7 @@ def test_arch_overrides_the_checkpoints_own(resnet_checkpoint: Checkpoint) -> No
     assert torch.allclose(outputs(loaded.model, loaded.preprocessing), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_end_to_end(resnet_checkpoint: Checkpoint, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
     """No flags: the figure and summary.csv are written, top-1 is the model's own argmax."""
@@ -297,6 +301,7 @@ def test_border_and_large_crop_pct_are_approximated_with_a_warning(
 
 # ----------------------------------------------------------------------------- --arch timm:
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_arch_timm_with_a_plain_state_dict(suffix: str, resnet_checkpoint: Checkpoint,
                                            tmp_path: Path, timm) -> None:
@@ -340,6 +345,7 @@ def test_safetensors_with_a_torchvision_arch(safetensors_torch, tmp_path: Path) 
     assert torch.equal(got, outputs(saved, loaded.preprocessing))
 
 
+@pytest.mark.slow
 def test_safetensors_with_the_builtin_arch(safetensors_torch, tmp_path: Path) -> None:
     """--arch efficientnet-lite0 with a .safetensors of 7 classes."""
     torch.manual_seed(99)
@@ -353,6 +359,7 @@ def test_safetensors_with_the_builtin_arch(safetensors_torch, tmp_path: Path) ->
     assert torch.equal(got, outputs(saved, loaded.preprocessing))
 
 
+@pytest.mark.slow
 def test_safetensors_end_to_end(safetensors_torch, tmp_path: Path,
                                 capsys: pytest.CaptureFixture[str]) -> None:
     saved = random_resnet18(num_classes=10)
@@ -441,6 +448,7 @@ def test_safetensors_not_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert_user_error(code, err, "pip install safetensors")
 
 
+@pytest.mark.slow
 def test_ema_without_ema_weights(no_ema_checkpoint: Checkpoint, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_main(capsys, "--model_path", no_ema_checkpoint.path, "--ema",

@@ -131,6 +131,7 @@ def layer_named(layers: list, name: str):
 
 # ----------------------------------------------------------------------------- ViT
 
+@pytest.mark.slow
 def test_vit_default_layer_is_the_last_blocks_first_norm(vit_b_16: nn.Module,
                                                          image: torch.Tensor) -> None:
     layers, _ = layers_in_run_order(vit_b_16, image)
@@ -146,6 +147,7 @@ def test_vit_default_layer_is_the_last_blocks_first_norm(vit_b_16: nn.Module,
 
 @pytest.mark.parametrize("name", ["encoder.layers.encoder_layer_11.ln_1",
                                   "encoder.layers.encoder_layer_5"])
+@pytest.mark.slow
 def test_vit_maps_equal_the_hand_reshape(vit_b_16: nn.Module, image: torch.Tensor,
                                          name: str) -> None:
     """tokens (1, 197, 768) -> drop the class token, (1, 768, 14, 14): the engine's maps equal
@@ -181,6 +183,7 @@ def test_swin_default_and_layouts(swin_t: nn.Module, image: torch.Tensor) -> Non
     assert layer_named(layers, "features.0.0").layout.kind == "channels-first"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["norm", "features.5"])
 def test_swin_maps_equal_the_hand_permute(swin_t: nn.Module, image: torch.Tensor,
                                           name: str) -> None:
@@ -203,6 +206,7 @@ def test_swin_norm_and_permute_give_the_same_map(swin_t: nn.Module, image: torch
 
 # ----------------------------------------------------------------------------- ConvNeXt
 
+@pytest.mark.slow
 def test_convnext_inner_layer_is_channels_last() -> None:
     """Inside a ConvNeXt block, after its Permute, the LayerNorm and Linear outputs are
     (B, h, w, C); the block's own output is (B, C, h, w) again."""
@@ -277,6 +281,7 @@ def test_distinct_sizes_are_read_as_channels_last() -> None:
                                                lambda x: x.permute(0, 3, 1, 2)))
 
 
+@pytest.mark.slow
 def test_attention_weights_are_not_a_grid() -> None:
     """timm's ViT runs Identity modules on (B, heads, T, head_dim) queries: no grid fits."""
     timm = pytest.importorskip("timm")
@@ -361,6 +366,7 @@ TIMM_MODELS = [("resnet10t", "layer1"), ("convnext_atto", "layer1"),
                ("vit_tiny_patch16_224", "layer-blocks.11.norm1")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,tag", TIMM_MODELS)
 def test_timm_whole_models_run_with_trust(name: str, tag: str, one_image: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
@@ -381,6 +387,7 @@ def test_timm_whole_models_run_with_trust(name: str, tag: str, one_image: Path, 
     assert f"top1_peak_{tag}" in header
 
 
+@pytest.mark.slow
 def test_timm_vit_map_equals_the_hand_reshape(image: torch.Tensor) -> None:
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
