@@ -11,6 +11,9 @@ user of that model. Parts:
   b. the same 4 maps vs pytorch-grad-cam (one GradCAM call per class) and vs Captum's
      LayerGradCam (one call per class, upsampled and normalized as ours are)
   c. 4 classes x 3 layers (backcounts 1, 3, 4) vs a plain inference forward
+  r. ROAD's cost per image: --metrics' faithfulness (deletion, insertion, drop, increase) for
+     4 maps per image with and without ROAD, resnet50 with random weights (not in the default
+     parts: minutes on a CPU)
   m. the five gradient methods (gradcam, gradcam++, xgradcam, layercam, hirescam) in one
      explain_methods call vs gradcam alone, 4 maps at the last conv layer (target <= 1.2x)
   d. end to end: main.py --n_images all with figures vs the usual way (pytorch-grad-cam once
@@ -478,6 +481,28 @@ def throughput_part(args, device: torch.device, workdir: Path) -> list[str]:
     return rows
 
 
+# ----------------------------------------------------------------------------- part r
+
+def road_part(args, device: torch.device, workdir: Path) -> list[str]:
+    """Seconds per image of faithfulness for 4 maps, without and with ROAD (interleaved)."""
+    from gradcam_cli.metrics import faithfulness, random_maps
+    model, preprocessing = bench_model("resnet50", device)
+    images = image_batch(preprocessing, args.batch_size, device)
+    maps = random_maps((args.batch_size, 4, *images.shape[-2:]),
+                       torch.Generator().manual_seed(1)).to(device)
+    classes = torch.arange(args.batch_size * 4, device=device).view(args.batch_size, 4) % 1000
+    functions = {
+        "without": lambda: faithfulness(model, images, maps, classes, batch_size=64),
+        "with": lambda: faithfulness(model, images, maps, classes, batch_size=64, road=True,
+                                     generator=torch.Generator().manual_seed(0))}
+    t = interleaved(functions, max(1, args.repeats // 2), device)
+    per_image = {k: v / args.batch_size for k, v in t.items()}
+    return [f"| r | resnet50 | faithfulness of 4 maps per image, with / without ROAD | "
+            f"{per_image['with']:.2f} / {per_image['without']:.2f} s/img "
+            f"(ROAD {per_image['with'] - per_image['without']:.2f} s) | "
+            f"**{t['with'] / t['without']:.2f}x** | |"]
+
+
 # ----------------------------------------------------------------------------- part s
 
 def startup_part(args, device: torch.device, workdir: Path) -> list[str]:
@@ -524,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += end_to_end(name, args, device, Path(tmp) / name)
                 print(rows[-1], flush=True)
         later = (("s", startup_part), ("f", pipeline_part), ("g", render_pool_part),
-                 ("t", throughput_part), ("e", memory_part))
+                 ("t", throughput_part), ("r", road_part), ("e", memory_part))
         for part, function in later:
             if part in args.parts:
                 added = function(args, device, Path(tmp) / f"part_{part}")
