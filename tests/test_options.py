@@ -344,3 +344,23 @@ def test_eigencam_ablationcam_and_smoothing_from_the_command_line(tmp_path: Path
     code, _, err = run(capsys, "--images_path", CAT, "--method", "ablationcam",
                        "--counterfactual", "--save_dir", tmp_path / "no")
     assert code == 2 and "ablationcam has none" in err
+
+
+def test_several_methods_resume_with_skip_existing(tmp_path: Path, capsys) -> None:
+    """An image whose figure for one method is missing is redone, the other is kept: every
+    (layer, method) figure counts among an image's outputs."""
+    argv = ["--images_path", DATA, "--n_images", "2", "--method", "gradcam", "hirescam",
+            "--render_workers", "0", "--save_dir", tmp_path]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    kept = (tmp_path / "image0_layer1_hirescam.jpg").stat().st_mtime_ns
+    redone = tmp_path / "image1_layer1_gradcam.jpg"
+    before = np.asarray(Image.open(redone), dtype=np.float32)
+    redone.unlink()
+    code, out, err = run(capsys, *argv, "--skip_existing")
+    assert code == 0, err
+    assert "processed 1 image(s), skipped 0, 1 already done" in out
+    # alone in its batch now: the same figure up to float rounding (a level or two of JPEG)
+    assert np.abs(np.asarray(Image.open(redone), dtype=np.float32) - before).mean() < 0.5
+    assert (tmp_path / "image0_layer1_hirescam.jpg").stat().st_mtime_ns == kept
+    assert len(read_summary(tmp_path)) == 2
