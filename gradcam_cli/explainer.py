@@ -351,6 +351,7 @@ class Explainer:
         peaks = computed.peaks[:, b]
         shown_panels = self.plan.shown(probabilities.tolist())
         keep = [k for k, panel in enumerate(shown_panels) if panel]
+        every = len(keep) == len(shown_panels)  # the usual case: views, not copies
         layout = (len(keep),) + self.layout[1:]
         figures = []
         for layer, view in enumerate(self.views):
@@ -358,9 +359,10 @@ class Explainer:
                                       bool(computed.truth[b] >= 0), peaks[layer].tolist()
                                       if self.options.shared_scale else None)
             figures.append(FigureJob(
-                paths[layer], computed.maps[layer, b][keep], [titles[k] for k in keep],
-                self.heading(view),
-                None if computed.guided is None else computed.guided[layer, b][keep]))
+                paths[layer], _panels(computed.maps[layer, b], keep, every),
+                [titles[k] for k in keep], self.heading(view),
+                None if computed.guided is None
+                else _panels(computed.guided[layer, b], keep, every)))
         job = ImageJob(entry.index, entry.relative, shown, layout, figures)
         if computed.raw is not None:
             job.raw_path = paths[-1]
@@ -380,6 +382,11 @@ class Explainer:
 
 _OUT_OF_MEMORY = "out of memory"
 CLASS_INDEPENDENT = ("eigencam",)  # methods whose map is the same for every class
+
+
+def _panels(per_class: np.ndarray, keep: list[int], every: bool) -> np.ndarray:
+    """The shown panels' rows of a (K, ...) array: the array itself when all are shown."""
+    return per_class if every else per_class[keep]
 
 
 METRICS_SEED = 20221  # ROAD's noise and the random baseline map: seeded per image index

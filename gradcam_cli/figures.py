@@ -182,6 +182,7 @@ class FigureWriter:
         self._heading = _Font(HEADING_POINTS, bold=True, dpi=self.DPI)
         self._blank = np.full((self.height, self.width, 3), 255, dtype=np.uint8)
         self._headings: dict[str, str] = {}
+        self._bands: dict = {}  # heading -> the band with it drawn (a PIL image)
 
     def _panel_left(self, slot: int) -> int:
         return self.GAP + slot * (self.panel + self.GAP)
@@ -204,6 +205,22 @@ class FigureWriter:
             head = head[:-2].rstrip()
             lines = self._wrap(f"{head}\u2026 {tail}")
         return lines[:2]
+
+    def _band_with(self, heading: str):
+        """A white band with ``heading`` drawn, made once per heading: every figure of a
+        layer and method has the same one, so only the titles are drawn per figure."""
+        band = self._bands.get(heading)
+        if band is None:
+            from PIL import Image, ImageDraw
+            band = Image.new("RGB", (self.width, self.BAND), (255, 255, 255))
+            if heading:
+                step = self._heading.line_height
+                self._heading.draw(ImageDraw.Draw(band), self._fit_heading(heading),
+                                   self.width // 2, 4 + step - step // 4)
+            if len(self._bands) >= 64:
+                self._bands.clear()
+            self._bands[heading] = band
+        return band
 
     def _fit_heading(self, heading: str) -> str:
         """The heading, shortened with an ellipsis where a narrow figure (one or two panels)
@@ -239,13 +256,9 @@ class FigureWriter:
         panel, its last line's baseline 6 px above the panels, drawn into one white image that
         is copied straight into the figure (RGB: a greyscale one costs more to spread over
         three channels than its text to draw)."""
-        from PIL import Image, ImageDraw
-        band = Image.new("RGB", (self.width, self.BAND), (255, 255, 255))
+        from PIL import ImageDraw
+        band = self._band_with(heading).copy()
         draw = ImageDraw.Draw(band)
-        if heading:
-            step = self._heading.line_height
-            self._heading.draw(draw, self._fit_heading(heading), self.width // 2,
-                               4 + step - step // 4)
         step = self._title.line_height
         for slot, title in enumerate([image_title] + list(titles)):
             lines = self._fit(title)
